@@ -40,6 +40,15 @@ ADDABLE = ["prompt", "promptversion", "promptlabel", "finetune", "scalingconfig"
 NOT_ADDABLE = ["labelmove", "modelartifact", "datasetitem", "evaluationrun", "itemresult"]
 
 
+def inline_management_data(client: Client, url: str) -> dict[str, Any]:
+    """The inline management-form fields a browser would send back with the change form at `url`."""
+    data: dict[str, Any] = {}
+    for inline in client.get(url).context["inline_admin_formsets"]:
+        form = inline.formset.management_form
+        data.update({form.add_prefix(name): value for name, value in form.initial.items()})
+    return data
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_changelist_renders_and_searches(admin_client: Client, registry_objects: dict[str, Any], model: str) -> None:
     url = reverse(f"admin:registry_{model}_changelist")
@@ -171,7 +180,7 @@ def test_moving_a_label_in_the_admin_records_the_move(admin_client: Client, regi
     label: PromptLabel = registry_objects["promptlabel"]
     v2, _ = prompt.create_version(template="Question: {{ question }}", variables=["question"])
     url = reverse("admin:registry_promptlabel_change", args=[label.pk])
-    response = admin_client.post(url, {"version": v2.pk, "reason": "promote"})
+    response = admin_client.post(url, {**inline_management_data(admin_client, url), "version": v2.pk, "reason": "promote"})
     assert response.status_code == 302
     assert prompt.version_for_label("prod") == v2
     move = LabelMove.objects.first()
