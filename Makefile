@@ -39,7 +39,9 @@ services:
 	@bash deploy/local-services.sh
 
 test: install services
-	$(TEST_ENV) $(PY) -m pytest
+	@# A fresh metrics folder: the metrics tests must see only what the tests themselves recorded.
+	rm -rf var/test-metrics && mkdir -p var/test-metrics
+	$(TEST_ENV) PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/var/test-metrics $(PY) -m pytest
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) -m workers.bench

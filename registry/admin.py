@@ -22,7 +22,7 @@ from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
 from . import prompting
-from .datasets import DatasetImportError, ItemRecord, find_conflict, parse_dataset, store_dataset
+from .datasets import DatasetImportError, ItemRecord, check_target, find_conflict, parse_dataset, store_dataset
 from .models import (
     Dataset,
     DatasetItem,
@@ -122,6 +122,14 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
+class LabelNameFilter(admin.AllValuesFieldListFilter):
+    """Filter by label name, titled "label" rather than the field's bare "name"."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.title = "label"
+
+
 class DeletesReadOnlyChildren:
     """For a parent admin whose delete cascades to rows of a ReadOnlyAdmin: those rows may go with it."""
 
@@ -163,9 +171,10 @@ class PromptLabelInline(ReadOnlyTabularInline):
 
 
 @admin.register(Prompt)
-class PromptAdmin(admin.ModelAdmin):
+class PromptAdmin(DeletesReadOnlyChildren, admin.ModelAdmin):
+    read_only_children = (LabelMove,)
     list_display = ("name", "description_short", "version_count", "label_summary", "created_at")
-    list_filter = ("labels__name", "created_at")
+    list_filter = (("labels__name", LabelNameFilter), "created_at")
     search_fields = ("name", "description")
     readonly_fields = ("created_at", "new_version")
     fields = ("name", "description", "created_at", "new_version")
@@ -198,9 +207,7 @@ class PromptAdmin(admin.ModelAdmin):
         latest = obj.versions.order_by("-number").first()
         url = reverse("admin:registry_promptversion_add")
         if latest is None:
-            return format_html(
-                '<a href="{}?{}">Add the first version</a>', url, urlencode({"prompt": obj.pk})
-            )
+            return format_html('<a href="{}?{}">Add the first version</a>', url, urlencode({"prompt": obj.pk}))
         return format_html(
             '<a href="{}?{}">Add a version based on v{}</a>',
             url,
@@ -227,7 +234,11 @@ class PromptVersionAddForm(forms.ModelForm):
             "params",
             "commit_message",
         )
-        help_texts = {"parent": "Leave empty for the prompt's latest version."}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if "parent" in self.fields:
+            self.fields["parent"].help_text = "Leave empty for the prompt's latest version."
 
     def clean_variables(self) -> list[str]:
         raw = self.cleaned_data.get("variables") or ""
@@ -270,10 +281,11 @@ class PromptVersionAddForm(forms.ModelForm):
 
 
 @admin.register(PromptVersion)
-class PromptVersionAdmin(admin.ModelAdmin):
+class PromptVersionAdmin(DeletesReadOnlyChildren, admin.ModelAdmin):
     """Versions are immutable: the add page stores one through Prompt.create_version, every other page only
     shows it."""
 
+    read_only_children = (LabelMove,)
     form = PromptVersionAddForm
     list_display = (
         "__str__",
@@ -430,16 +442,12 @@ class PromptLabelForm(forms.ModelForm):
         if self.instance.pk is not None and "version" in self.fields:
             field = self.fields["version"]
             assert isinstance(field, forms.ModelChoiceField)
-            field.queryset = PromptVersion.objects.filter(prompt_id=self.instance.prompt_id).select_related(
-                "prompt"
-            )
+            field.queryset = PromptVersion.objects.filter(prompt_id=self.instance.prompt_id).select_related("prompt")
 
     def clean_name(self) -> str:
         name: str = self.cleaned_data["name"]
         if not PromptLabel.NAME_RE.fullmatch(name):
-            raise ValidationError(
-                "use lower-case letters, digits, '-' or '_' (at most 50, starting alphanumeric)"
-            )
+            raise ValidationError("use lower-case letters, digits, '-' or '_' (at most 50, starting alphanumeric)")
         return name
 
     def clean(self) -> dict[str, Any]:
@@ -458,17 +466,14 @@ class LabelMoveInline(ReadOnlyTabularInline):
     show_change_link = False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[LabelMove]:
-        return (
-            super()
-            .get_queryset(request)
-            .select_related("from_version__prompt", "to_version__prompt", "moved_by")
-        )
+        return super().get_queryset(request).select_related("from_version__prompt", "to_version__prompt", "moved_by")
 
 
 @admin.register(PromptLabel)
-class PromptLabelAdmin(admin.ModelAdmin):
+class PromptLabelAdmin(DeletesReadOnlyChildren, admin.ModelAdmin):
     """Adding or editing a label moves it through Prompt.move_label, which records the move."""
 
+    read_only_children = (LabelMove,)
     form = PromptLabelForm
     list_display = ("__str__", "prompt", "name", "version", "moved_at")
     list_filter = ("name", "prompt")
@@ -494,11 +499,11 @@ class PromptLabelAdmin(admin.ModelAdmin):
 
 
 @admin.register(LabelMove)
-class LabelMoveAdmin(admin.ModelAdmin):
+class LabelMoveAdmin(ReadOnlyAdmin):
     """History of label moves; written by Prompt.move_label only."""
 
     list_display = ("moved_at", "label", "from_version", "to_version", "moved_by", "reason_short")
-    list_filter = ("label__name", "label__prompt", "moved_at")
+    list_filter = (("label__name", LabelNameFilter), "label__prompt", "moved_at")
     search_fields = ("label__name", "label__prompt__name", "reason")
     list_select_related = (
         "label__prompt",
@@ -508,12 +513,6 @@ class LabelMoveAdmin(admin.ModelAdmin):
         "moved_by",
     )
     date_hierarchy = "moved_at"
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     @admin.display(description="reason")
     def reason_short(self, obj: LabelMove) -> str:
@@ -669,13 +668,11 @@ class DatasetItemInline(ReadOnlyTabularInline):
 
 class DatasetUploadForm(forms.ModelForm):
     file = forms.FileField(help_text="JSONL (one object a line) or CSV with a header row.")
-    format = forms.ChoiceField(
-        choices=[("", "from the file name"), ("jsonl", "JSONL"), ("csv", "CSV")], required=False
-    )
+    format = forms.ChoiceField(choices=[("", "from the file name"), ("jsonl", "JSONL"), ("csv", "CSV")], required=False)
 
     class Meta:
         model = Dataset
-        fields = ("name", "scorer", "description")
+        fields = ("name", "scorer", "scorer_pattern", "description")
 
     items: list[ItemRecord]
 
@@ -683,15 +680,18 @@ class DatasetUploadForm(forms.ModelForm):
         cleaned: dict[str, Any] = super().clean() or {}
         if self.errors:
             return cleaned
+        scoring = {"scorer": cleaned["scorer"], "scorer_pattern": cleaned.get("scorer_pattern") or ""}
         try:
+            check_target(cleaned["name"], **scoring)
             self.items = parse_dataset(cleaned["file"], fmt=cleaned.get("format") or None)
         except DatasetImportError as exc:
             raise ValidationError(str(exc)) from None
-        conflict = find_conflict(self.items, name=cleaned["name"], scorer=cleaned["scorer"])
+        conflict = find_conflict(self.items, name=cleaned["name"], **scoring)
         if conflict is not None:
+            pattern = f" and pattern {conflict.scorer_pattern!r}" if conflict.scorer_pattern else ""
             raise ValidationError(
-                f"{conflict} already holds this content with scorer {conflict.scorer!r}; "
-                "pick that scorer or another name"
+                f"{conflict} already holds this content with scorer {conflict.scorer!r}{pattern}; "
+                "score it the same way or pick another name"
             )
         return cleaned
 
@@ -716,13 +716,22 @@ class DatasetAdmin(DeletesReadOnlyChildren, admin.ModelAdmin):
 
     def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         if obj is None:
-            return ("file", "format", "name", "scorer", "description")
-        return ("name", "scorer", "description", "content_hash", "item_count", "all_items", "created_at")
+            return ("file", "format", "name", "scorer", "scorer_pattern", "description")
+        return (
+            "name",
+            "scorer",
+            "scorer_pattern",
+            "description",
+            "content_hash",
+            "item_count",
+            "all_items",
+            "created_at",
+        )
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         if obj is None:
             return ()
-        return ("name", "scorer", "content_hash", "item_count", "all_items", "created_at")
+        return ("name", "scorer", "scorer_pattern", "content_hash", "item_count", "all_items", "created_at")
 
     def get_inlines(self, request: HttpRequest, obj: Any) -> Any:
         return self.inlines if obj is not None else ()
@@ -733,7 +742,11 @@ class DatasetAdmin(DeletesReadOnlyChildren, admin.ModelAdmin):
             return
         try:
             dataset, created = store_dataset(
-                form.items, name=obj.name, scorer=obj.scorer, description=obj.description
+                form.items,
+                name=obj.name,
+                scorer=obj.scorer,
+                scorer_pattern=obj.scorer_pattern,
+                description=obj.description,
             )
         except DatasetImportError as exc:  # only when a concurrent import got there first
             raise PermissionDenied(str(exc)) from None

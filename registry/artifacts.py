@@ -12,9 +12,7 @@ from workers import convert
 from .models import ModelArtifact
 
 
-def import_model(
-    source: Path, *, name: str = "", progress: convert.Progress = print
-) -> tuple[ModelArtifact, bool]:
+def import_model(source: Path, *, name: str = "", progress: convert.Progress = print) -> tuple[ModelArtifact, bool]:
     """Register `source` as an ONNX artifact; returns (artifact, created).
 
     Conversion is cached by the source's sha256: importing the same file again finds the built folder and the

@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, NoReturn, TypedDict
@@ -35,6 +36,7 @@ SPECIAL_FIELDS = ("id", "expected", "kind")
 KINDS = tuple(DatasetItem.Kind.values)
 KEY_MAX_LENGTH = DatasetItem._meta.get_field("key").max_length or 200
 NAME_MAX_LENGTH = Dataset._meta.get_field("name").max_length or 100
+PATTERN_MAX_LENGTH = Dataset._meta.get_field("scorer_pattern").max_length or 500
 
 Source = str | os.PathLike[str] | IO[bytes] | IO[str]
 
@@ -179,8 +181,7 @@ def _parse_csv(text: str, label: str) -> Iterator[tuple[int, ItemRecord]]:
             if not set(header) - set(SPECIAL_FIELDS):
                 _fail(
                     label,
-                    "the header has no input columns "
-                    "(every column other than id, expected and kind is an input)",
+                    "the header has no input columns (every column other than id, expected and kind is an input)",
                     line,
                 )
             continue
@@ -247,34 +248,50 @@ def dataset_hash(items: list[ItemRecord]) -> str:
     return canonical_hash(items)
 
 
-def check_target(name: str, scorer: str) -> None:
-    """DatasetImportError unless `name` is a usable dataset name and `scorer` a known scorer."""
+def _describe_scoring(scorer: str, scorer_pattern: str) -> str:
+    return f"scorer {scorer!r}" + (f" with pattern {scorer_pattern!r}" if scorer_pattern else "")
+
+
+def check_target(name: str, scorer: str, scorer_pattern: str = "") -> None:
+    """DatasetImportError unless `name` is a usable dataset name and `scorer` (with its pattern) can score."""
     try:
         validate_slug(name)
     except ValidationError:
-        raise DatasetImportError(
-            f"dataset name {name!r} must be a slug (letters, digits, '-' or '_')"
-        ) from None
+        raise DatasetImportError(f"dataset name {name!r} must be a slug (letters, digits, '-' or '_')") from None
     if len(name) > NAME_MAX_LENGTH:
         raise DatasetImportError(f"dataset name {name!r} is longer than {NAME_MAX_LENGTH} characters")
     if scorer not in Dataset.Scorer.values:
         raise DatasetImportError(f"unknown scorer {scorer!r}; use one of {', '.join(Dataset.Scorer.values)}")
+    if scorer == Dataset.Scorer.REGEX:
+        if not scorer_pattern:
+            raise DatasetImportError("the 'regex' scorer needs a pattern whose first group is the answer")
+        if len(scorer_pattern) > PATTERN_MAX_LENGTH:
+            raise DatasetImportError(f"the scorer pattern is longer than {PATTERN_MAX_LENGTH} characters")
+        try:
+            re.compile(scorer_pattern)
+        except re.error as exc:
+            raise DatasetImportError(f"the scorer pattern {scorer_pattern!r} is not a valid regex: {exc}") from None
+    elif scorer_pattern:
+        raise DatasetImportError(f"a scorer pattern is only used by the 'regex' scorer, not {scorer!r}")
 
 
-def find_conflict(items: list[ItemRecord], *, name: str, scorer: str) -> Dataset | None:
-    """The dataset already stored with this name and content but another scorer, if any."""
-    return Dataset.objects.filter(name=name, content_hash=dataset_hash(items)).exclude(scorer=scorer).first()
+def find_conflict(items: list[ItemRecord], *, name: str, scorer: str, scorer_pattern: str = "") -> Dataset | None:
+    """The dataset already stored with this name and content but scored another way, if any."""
+    existing = Dataset.objects.filter(name=name, content_hash=dataset_hash(items)).first()
+    if existing is None or (existing.scorer, existing.scorer_pattern) == (scorer, scorer_pattern):
+        return None
+    return existing
 
 
 def store_dataset(
-    items: list[ItemRecord], *, name: str, scorer: str, description: str = ""
+    items: list[ItemRecord], *, name: str, scorer: str, scorer_pattern: str = "", description: str = ""
 ) -> tuple[Dataset, bool]:
     """Write parsed items as a Dataset with its DatasetItems; returns (dataset, created).
 
     The same name with the same content returns the dataset already stored (created False); the same content
-    under the same name with another scorer is refused, because the stored dataset would score differently.
+    under the same name scored another way is refused, because the stored dataset would score differently.
     """
-    check_target(name, scorer)
+    check_target(name, scorer, scorer_pattern)
     if not items:
         raise DatasetImportError(f"dataset {name!r} has no items")
     content_hash = dataset_hash(items)
@@ -287,6 +304,7 @@ def store_dataset(
                     name=name,
                     description=description,
                     scorer=scorer,
+                    scorer_pattern=scorer_pattern,
                     content_hash=content_hash,
                     item_count=len(items),
                 )
@@ -300,10 +318,11 @@ def store_dataset(
             existing = Dataset.objects.filter(name=name, content_hash=content_hash).first()
             if existing is None:
                 raise
-    if existing.scorer != scorer:
+    if (existing.scorer, existing.scorer_pattern) != (scorer, scorer_pattern):
         raise DatasetImportError(
-            f"dataset {name!r} with this content already exists with scorer {existing.scorer!r}, "
-            f"not {scorer!r}; import it under another name to score it differently"
+            f"dataset {name!r} with this content already exists with "
+            f"{_describe_scoring(existing.scorer, existing.scorer_pattern)}, not "
+            f"{_describe_scoring(scorer, scorer_pattern)}; import it under another name to score it differently"
         )
     return existing, False
 
@@ -315,12 +334,14 @@ def import_dataset(
     scorer: str,
     fmt: str | None = None,
     description: str = "",
+    scorer_pattern: str = "",
 ) -> tuple[Dataset, bool]:
     """Parse a JSONL or CSV file and store it; returns (dataset, created).
 
-    The format is guessed from the file name's suffix unless `fmt` names it. Any problem with the file raises
-    DatasetImportError before anything is written; see store_dataset for deduplication.
+    The format is guessed from the file name's suffix unless `fmt` names it. The 'regex' scorer needs
+    `scorer_pattern` (its first group is the answer). Any problem with the file raises DatasetImportError
+    before anything is written; see store_dataset for deduplication.
     """
-    check_target(name, scorer)
+    check_target(name, scorer, scorer_pattern)
     items = parse_dataset(path_or_fileobj, fmt=fmt)
-    return store_dataset(items, name=name, scorer=scorer, description=description)
+    return store_dataset(items, name=name, scorer=scorer, scorer_pattern=scorer_pattern, description=description)

@@ -134,13 +134,9 @@ class Prompt(models.Model):
             return self.labels.select_related("version").get(name=label).version
         except PromptLabel.DoesNotExist:
             known = ", ".join(self.labels.values_list("name", flat=True)) or "none"
-            raise PromptLabel.DoesNotExist(
-                f"prompt {self.name!r} has no label {label!r} (labels: {known})"
-            ) from None
+            raise PromptLabel.DoesNotExist(f"prompt {self.name!r} has no label {label!r} (labels: {known})") from None
 
-    def move_label(
-        self, label: str, version: PromptVersion, *, user: Any = None, reason: str = ""
-    ) -> LabelMove:
+    def move_label(self, label: str, version: PromptVersion, *, user: Any = None, reason: str = "") -> LabelMove:
         """Point `label` at `version` (creating the label if new) and record the move. Rollback is a move."""
         if version.prompt_id != self.pk:
             raise ValidationError(f"version {version} does not belong to prompt {self.name!r}")
@@ -169,15 +165,11 @@ class PromptVersion(models.Model):
     number = models.PositiveIntegerField()
     template = models.TextField(help_text="Jinja2 (sandboxed) template of the user turn")
     system_message = models.TextField(blank=True)
-    examples = models.JSONField(
-        default=list, blank=True, help_text='few-shot: [{"inputs": {...}, "output": "..."}]'
-    )
+    examples = models.JSONField(default=list, blank=True, help_text='few-shot: [{"inputs": {...}, "output": "..."}]')
     variables = models.JSONField(default=list, help_text="names the template may read")
     params = models.JSONField(default=dict, blank=True, help_text="model parameters, e.g. max_new_tokens")
     commit_message = models.TextField(blank=True)
-    parent = models.ForeignKey(
-        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
-    )
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children")
     content_hash = models.CharField(max_length=64, editable=False)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(default=timezone.now)
@@ -234,22 +226,14 @@ class PromptVersion(models.Model):
         except prompting.PromptTemplateError as exc:
             raise ValidationError(str(exc)) from None
         for number, example in enumerate(examples, start=1):
-            if (
-                not isinstance(example, dict)
-                or not isinstance(example.get("inputs"), dict)
-                or "output" not in example
-            ):
-                raise ValidationError(
-                    f'example {number} must look like {{"inputs": {{...}}, "output": "..."}}'
-                )
+            if not isinstance(example, dict) or not isinstance(example.get("inputs"), dict) or "output" not in example:
+                raise ValidationError(f'example {number} must look like {{"inputs": {{...}}, "output": "..."}}')
             missing = set(variables) - set(example["inputs"])
             if missing:
                 raise ValidationError(f"example {number} lacks variable(s): {', '.join(sorted(missing))}")
         unknown = set(params) - cls.ALLOWED_PARAMS
         if unknown:
-            raise ValidationError(
-                f"unknown parameter(s) {sorted(unknown)}; allowed: {sorted(cls.ALLOWED_PARAMS)}"
-            )
+            raise ValidationError(f"unknown parameter(s) {sorted(unknown)}; allowed: {sorted(cls.ALLOWED_PARAMS)}")
 
     def render_messages(self, inputs: dict[str, Any]) -> list[dict[str, str]]:
         return prompting.build_messages(
@@ -266,7 +250,8 @@ class PromptLabel(models.Model):
 
     prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="labels")
     name = models.CharField(max_length=50)
-    version = models.ForeignKey(PromptVersion, on_delete=models.PROTECT, related_name="labels")
+    # RESTRICT: a version a label points at cannot be deleted, unless the whole prompt goes.
+    version = models.ForeignKey(PromptVersion, on_delete=models.RESTRICT, related_name="labels")
     moved_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -279,9 +264,7 @@ class PromptLabel(models.Model):
 
 class LabelMove(models.Model):
     label = models.ForeignKey(PromptLabel, on_delete=models.CASCADE, related_name="moves")
-    from_version = models.ForeignKey(
-        PromptVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
+    from_version = models.ForeignKey(PromptVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     to_version = models.ForeignKey(PromptVersion, on_delete=models.CASCADE, related_name="+")
     moved_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     moved_at = models.DateTimeField(default=timezone.now)
@@ -408,9 +391,7 @@ class Stack(models.Model):
     )
     prompt_label = models.CharField(max_length=50, blank=True)
     scaling = models.ForeignKey(ScalingConfig, on_delete=models.PROTECT, related_name="stacks")
-    fine_tune = models.ForeignKey(
-        FineTune, null=True, blank=True, on_delete=models.PROTECT, related_name="stacks"
-    )
+    fine_tune = models.ForeignKey(FineTune, null=True, blank=True, on_delete=models.PROTECT, related_name="stacks")
     artifact = models.ForeignKey(ModelArtifact, on_delete=models.PROTECT, related_name="stacks")
     description = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -466,9 +447,7 @@ class Dataset(models.Model):
     name = models.SlugField(max_length=100)
     description = models.TextField(blank=True)
     scorer = models.CharField(max_length=20, choices=Scorer.choices, default=Scorer.EXACT)
-    scorer_pattern = models.CharField(
-        max_length=500, blank=True, help_text="regular expression for the regex scorer"
-    )
+    scorer_pattern = models.CharField(max_length=500, blank=True, help_text="regular expression for the regex scorer")
     content_hash = models.CharField(max_length=64, editable=False)
     item_count = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
@@ -525,9 +504,7 @@ class EvaluationRun(models.Model):
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING, db_index=True)
     items_total = models.PositiveIntegerField(default=0)
     items_done = models.PositiveIntegerField(default=0)
-    provider = models.CharField(
-        max_length=50, blank=True, help_text="ONNX Runtime execution provider that ran"
-    )
+    provider = models.CharField(max_length=50, blank=True, help_text="ONNX Runtime execution provider that ran")
     summary = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)

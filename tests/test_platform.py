@@ -66,7 +66,9 @@ def test_it_refuses_to_start_with_a_bad_setting(name: str, value: str, message: 
 
 def test_production_mode_requires_a_secret_key() -> None:
     env = {**os.environ, "FULCRUM_DEBUG": "0", "SECRET_KEY": ""}
-    proc = subprocess.run([sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert proc.returncode != 0
     assert "SECRET_KEY must be set" in proc.stderr
 

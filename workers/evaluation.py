@@ -19,8 +19,8 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
-from fulcrum import metrics
 
+from fulcrum import metrics
 from registry.models import Dataset, DatasetItem, EvaluationRun, ItemResult, Stack
 
 from . import aggregation, scorers
@@ -113,7 +113,9 @@ def sampling_params(run: EvaluationRun) -> SamplingParams:
     return SamplingParams(
         n=scaling.n_samples,
         # A scaling config that samples overrides the prompt's temperature; a greedy one keeps the prompt's.
-        temperature=scaling.temperature if scaling.n_samples > 1 else float(params.get("temperature", scaling.temperature)),
+        temperature=scaling.temperature
+        if scaling.n_samples > 1
+        else float(params.get("temperature", scaling.temperature)),
         top_p=scaling.top_p if scaling.n_samples > 1 else float(params.get("top_p", scaling.top_p)),
         top_k=scaling.top_k or int(params.get("top_k", 0)),
         max_new_tokens=int(params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
@@ -123,9 +125,9 @@ def sampling_params(run: EvaluationRun) -> SamplingParams:
 
 def evaluate_chunk(run_id: int, item_ids: list[int]) -> int:
     """Evaluate the given items of a run; return how many results were written."""
-    run = EvaluationRun.objects.select_related(
-        "stack__scaling", "prompt_version", "artifact", "dataset"
-    ).get(pk=run_id)
+    run = EvaluationRun.objects.select_related("stack__scaling", "prompt_version", "artifact", "dataset").get(
+        pk=run_id
+    )
     if run.is_finished:
         log.info("run %s is %s; skipping chunk", run_id, run.status)
         return 0
@@ -156,8 +158,15 @@ def evaluate_chunk(run_id: int, item_ids: list[int]) -> int:
             update_conflicts=True,
             unique_fields=["run", "item"],
             update_fields=[
-                "rendered_prompt", "samples", "answer", "score", "refused",
-                "prompt_tokens", "generated_tokens", "latency_s", "worker",
+                "rendered_prompt",
+                "samples",
+                "answer",
+                "score",
+                "refused",
+                "prompt_tokens",
+                "generated_tokens",
+                "latency_s",
+                "worker",
             ],
         )
         locked.items_done = locked.results.count()

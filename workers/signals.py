@@ -26,6 +26,7 @@ def _serve_metrics(**_: Any) -> None:
     if not port:
         return
     from prometheus_client import start_http_server
+
     from fulcrum.metrics import registry
 
     start_http_server(port, registry=registry())

@@ -71,16 +71,14 @@ def _artifact(name: str = "tiny", sha: str = "a", parent: ModelArtifact | None =
 
 @pytest.fixture
 def make_artifact(db: None) -> Callable[..., ModelArtifact]:
-    """Store a ModelArtifact: make_artifact(name="tiny", sha="a", parent=None); sha is repeated to 64 chars."""
+    """Store a ModelArtifact: make_artifact(name="tiny", sha="a", parent=None); sha repeats to 64 chars."""
     return _artifact
 
 
 @pytest.fixture
 def registry_objects(db: None, make_version: Callable[..., PromptVersion], prompt: Prompt) -> dict[str, Any]:
     """One object of every registry model, wired together the way a real evaluation would be."""
-    version = make_version(
-        commit_message="first cut", examples=[{"inputs": {"question": "1+1?"}, "output": "2"}]
-    )
+    version = make_version(commit_message="first cut", examples=[{"inputs": {"question": "1+1?"}, "output": "2"}])
     move = prompt.move_label("prod", version, reason="ship it")
     base = _artifact("tiny", "a")
     quantised = _artifact("tiny-int8", "b", parent=base)
@@ -93,9 +91,7 @@ def registry_objects(db: None, make_version: Callable[..., PromptVersion], promp
         name="follow-prod", prompt=prompt, prompt_label="prod", scaling=scaling, artifact=base
     )
     dataset = Dataset.objects.create(name="arith", content_hash="d" * 64, item_count=1)
-    item = DatasetItem.objects.create(
-        dataset=dataset, index=0, key="q1", inputs={"question": "2+2?"}, expected="4"
-    )
+    item = DatasetItem.objects.create(dataset=dataset, index=0, key="q1", inputs={"question": "2+2?"}, expected="4")
     run = EvaluationRun.objects.create(
         stack=stack,
         dataset=dataset,

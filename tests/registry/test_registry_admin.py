@@ -85,7 +85,8 @@ def test_run_page_shows_status_progress_provider_summary_and_results(
     assert '<progress value="1" max="1"></progress> 1 / 1 (100%)' in html
     assert "CPUExecutionProvider" in html
     assert "&quot;accuracy&quot;: 1.0" in html
-    assert "itemresult_set-0-id" in html or "Item results (first 100)" in html
+    assert "Item results (first 100)" in html
+    assert reverse("admin:registry_itemresult_change", args=[registry_objects["itemresult"].pk]) in html
 
 
 def test_artifact_page_shows_checksum_size_provenance_and_parent(
@@ -145,7 +146,13 @@ def test_a_bad_version_is_refused_with_a_form_error(
     admin_client: Client, registry_objects: dict[str, Any], template: str, variables: str, problem: str
 ) -> None:
     prompt = registry_objects["prompt"]
-    data = {"prompt": prompt.pk, "template": template, "variables": variables, "examples": "[]", "params": "{}"}
+    data = {
+        "prompt": prompt.pk,
+        "template": template,
+        "variables": variables,
+        "examples": "[]",
+        "params": "{}",
+    }
     response = admin_client.post(reverse("admin:registry_promptversion_add"), data)
     assert response.status_code == 200
     assert problem in response.content.decode().replace("&#x27;", "'")
@@ -180,12 +187,18 @@ def test_moving_a_label_in_the_admin_records_the_move(admin_client: Client, regi
     label: PromptLabel = registry_objects["promptlabel"]
     v2, _ = prompt.create_version(template="Question: {{ question }}", variables=["question"])
     url = reverse("admin:registry_promptlabel_change", args=[label.pk])
-    response = admin_client.post(url, {**inline_management_data(admin_client, url), "version": v2.pk, "reason": "promote"})
+    response = admin_client.post(
+        url, {**inline_management_data(admin_client, url), "version": v2.pk, "reason": "promote"}
+    )
     assert response.status_code == 302
     assert prompt.version_for_label("prod") == v2
     move = LabelMove.objects.first()
     assert move is not None
-    assert (move.from_version, move.to_version, move.reason) == (registry_objects["promptversion"], v2, "promote")
+    assert (move.from_version, move.to_version, move.reason) == (
+        registry_objects["promptversion"],
+        v2,
+        "promote",
+    )
     assert move.moved_by is not None and move.moved_by.username == "admin"
 
 
@@ -237,3 +250,63 @@ def test_versions_and_results_have_no_edit_form(admin_client: Client, registry_o
         html = admin_client.get(reverse(f"admin:registry_{model}_change", args=[obj.pk])).content.decode()
         assert 'name="_save"' not in html, model
     assert PromptVersion.objects.count() == 1
+
+
+def test_label_history_cannot_be_deleted_on_its_own_but_goes_with_its_label(
+    admin_client: Client, registry_objects: dict[str, Any]
+) -> None:
+    move = registry_objects["labelmove"]
+    assert (
+        admin_client.post(reverse("admin:registry_labelmove_delete", args=[move.pk]), {"post": "yes"}).status_code
+        == 403
+    )
+    assert LabelMove.objects.filter(pk=move.pk).exists()
+
+    label = registry_objects["promptlabel"]
+    response = admin_client.post(reverse("admin:registry_promptlabel_delete", args=[label.pk]), {"post": "yes"})
+    assert response.status_code == 302
+    assert not LabelMove.objects.exists()
+
+
+def test_big_inlines_show_the_first_rows_and_link_to_the_rest(admin_client: Client, db: None) -> None:
+    dataset = Dataset.objects.create(name="big", content_hash="e" * 64, item_count=150)
+    DatasetItem.objects.bulk_create(
+        DatasetItem(dataset=dataset, index=i, key=f"k{i}", inputs={"q": str(i)}) for i in range(150)
+    )
+    response = admin_client.get(reverse("admin:registry_dataset_change", args=[dataset.pk]))
+    (inline,) = response.context["inline_admin_formsets"]
+    keys = [form.instance.key for form in inline.formset.forms]
+    assert keys == [f"k{i}" for i in range(100)]
+    assert "all 150 items" in response.content.decode()
+
+
+def test_a_dataset_description_can_be_edited_but_not_its_name_or_scorer(
+    admin_client: Client, registry_objects: dict[str, Any]
+) -> None:
+    dataset = registry_objects["dataset"]
+    url = reverse("admin:registry_dataset_change", args=[dataset.pk])
+    data = {
+        **inline_management_data(admin_client, url),
+        "description": "sums",
+        "name": "renamed",
+        "scorer": "regex",
+    }
+    assert admin_client.post(url, data).status_code == 302
+    dataset.refresh_from_db()
+    assert (dataset.name, dataset.scorer, dataset.description) == ("arith", "exact", "sums")
+
+
+def test_uploading_a_regex_dataset_needs_a_valid_pattern(admin_client: Client, db: None) -> None:
+    url = reverse("admin:registry_dataset_add")
+    content = b'{"id": "a", "question": "1+1?", "expected": "2"}\n'
+
+    def post(pattern: str) -> Any:
+        upload = SimpleUploadedFile("mini.jsonl", content)
+        data = {"file": upload, "name": "mini", "scorer": "regex", "scorer_pattern": pattern}
+        return admin_client.post(url, data)
+
+    assert "needs a pattern" in post("").content.decode()
+    assert "not a valid regex" in post("(oops").content.decode()
+    assert not Dataset.objects.exists()
+    assert post(r"(\d+)").status_code == 302
+    assert Dataset.objects.get().scorer_pattern == r"(\d+)"

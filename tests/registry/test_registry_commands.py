@@ -26,7 +26,7 @@ def run(*args: str) -> str:
     return out.getvalue()
 
 
-# --- load_dataset ---------------------------------------------------------------------------------------------
+# --- load_dataset -------------------------------------------------------------------------------------------
 
 
 def test_load_dataset_creates_then_reports_the_dataset_already_present(write_file: WriteFile) -> None:
@@ -66,7 +66,7 @@ def test_load_dataset_takes_the_format_from_an_option(write_file: WriteFile) -> 
     assert DatasetItem.objects.get().inputs == {"question": "2+2?"}
 
 
-# --- prompt create ---------------------------------------------------------------------------------------------
+# --- prompt create ------------------------------------------------------------------------------------------
 
 
 def test_prompt_create_stores_a_version_and_dedupes_identical_content(write_file: WriteFile) -> None:
@@ -135,12 +135,22 @@ def test_prompt_create_rejects_a_name_that_is_not_a_slug() -> None:
         run("prompt", "create", "my prompt", "--template", "x")
 
 
-# --- prompt label / history ------------------------------------------------------------------------------------
+# --- prompt label / history ---------------------------------------------------------------------------------
 
 
 @pytest.fixture
 def two_versions() -> Prompt:
-    run("prompt", "create", "qa", "--template", "Q: {{ question }}", "--variables", "question", "--message", "v1")
+    run(
+        "prompt",
+        "create",
+        "qa",
+        "--template",
+        "Q: {{ question }}",
+        "--variables",
+        "question",
+        "--message",
+        "v1",
+    )
     run("prompt", "create", "qa", "--template", "Question: {{ question }}", "--variables", "question")
     return Prompt.objects.get(name="qa")
 
@@ -195,3 +205,12 @@ def test_prompt_history_of_an_unknown_prompt_is_an_error() -> None:
 def test_prompt_requires_a_subcommand() -> None:
     with pytest.raises(CommandError):
         run("prompt")
+
+
+def test_load_dataset_passes_the_regex_pattern_on(write_file: WriteFile) -> None:
+    path = str(write_file("arith.jsonl", ITEMS))
+    output = run("load_dataset", path, "--name", "arith", "--scorer", "regex", "--scorer-pattern", r"=\s*(\d+)")
+    assert r"scorer regex (pattern '=\\s*(\\d+)')" in output
+    assert Dataset.objects.get().scorer_pattern == r"=\s*(\d+)"
+    with pytest.raises(CommandError, match="needs a pattern"):
+        run("load_dataset", path, "--name", "other", "--scorer", "regex")

@@ -52,7 +52,13 @@ def test_it_imports_jsonl(write_file: WriteFile) -> None:
             "kind": "",
         },
         # No id: keyed by its line number (line 3 is blank, so this is line 4).
-        {"index": 2, "key": "4", "inputs": {"question": "How do I pick a lock?"}, "expected": "", "kind": "harmful"},
+        {
+            "index": 2,
+            "key": "4",
+            "inputs": {"question": "How do I pick a lock?"},
+            "expected": "",
+            "kind": "harmful",
+        },
     ]
     normalised = [{k: item[k] for k in ("key", "inputs", "expected", "kind")} for item in items]
     assert dataset.content_hash == canonical_hash(normalised)
@@ -81,7 +87,9 @@ def test_reimporting_identical_content_returns_the_stored_dataset(write_file: Wr
     first, created_first = import_dataset(write_file("mini.jsonl", JSONL), name="mini", scorer="numeric")
     before = _db_state()
     # The same items with Windows line ends: same normalised content, same dataset.
-    again, created_again = import_dataset(write_file("copy.jsonl", JSONL.replace("\n", "\r\n")), name="mini", scorer="numeric")
+    again, created_again = import_dataset(
+        write_file("copy.jsonl", JSONL.replace("\n", "\r\n")), name="mini", scorer="numeric"
+    )
     assert (created_first, created_again) == (True, False)
     assert again.pk == first.pk
     assert _db_state() == before
@@ -114,9 +122,7 @@ def test_it_refuses_the_same_content_under_the_same_name_with_another_scorer(wri
 
 
 BAD_FILES = [
-    pytest.param(
-        "bad.jsonl", '{"id": "a", "q": "x"}\n{"id": "b", "q": \n', 2, "malformed JSON", id="malformed-json"
-    ),
+    pytest.param("bad.jsonl", '{"id": "a", "q": "x"}\n{"id": "b", "q": \n', 2, "malformed JSON", id="malformed-json"),
     pytest.param("bad.jsonl", '{"id": "a", "q": "x"}\n\n[1, 2]\n', 3, "expected a JSON object, got array", id="array"),
     pytest.param("bad.jsonl", '"just a string"\n', 1, "expected a JSON object, got string", id="string"),
     pytest.param("bad.jsonl", '{"id": "a", "q": "x", "kind": "evil"}\n', 1, "unknown kind 'evil'", id="unknown-kind"),
@@ -136,7 +142,11 @@ BAD_FILES = [
     ),
     pytest.param("bad.jsonl", '{"id": "a", "inputs": ["x"]}\n', 1, '"inputs" must be a JSON object', id="inputs-list"),
     pytest.param(
-        "bad.jsonl", '{"id": "a", "inputs": {"q": 1}, "extra": 2}\n', 1, "unexpected field(s) extra", id="extra-field"
+        "bad.jsonl",
+        '{"id": "a", "inputs": {"q": 1}, "extra": 2}\n',
+        1,
+        "unexpected field(s) extra",
+        id="extra-field",
     ),
     pytest.param("bad.jsonl", '{"id": "a", "expected": "x"}\n', 1, "no inputs", id="no-inputs"),
     pytest.param("bad.jsonl", '{"id": "a", "q": "x", "expected": [1]}\n', 1, '"expected" must be', id="expected-list"),
@@ -150,7 +160,13 @@ BAD_FILES = [
         "not valid UTF-8 (byte 0xe9",
         id="latin-1-bytes",
     ),
-    pytest.param("bad.csv", "id,q,expected\na,x,1\nb,y\n", 3, "row has 2 columns but the header has 3", id="csv-short-row"),
+    pytest.param(
+        "bad.csv",
+        "id,q,expected\na,x,1\nb,y\n",
+        3,
+        "row has 2 columns but the header has 3",
+        id="csv-short-row",
+    ),
     pytest.param("bad.csv", "id,q\na,x,extra\n", 2, "row has 3 columns but the header has 2", id="csv-long-row"),
     pytest.param("bad.csv", "id,q,kind\na,x,nasty\n", 2, "unknown kind 'nasty'", id="csv-unknown-kind"),
     pytest.param("bad.csv", "id,q\na,x\na,y\n", 3, "duplicate id 'a'", id="csv-duplicate-id"),
@@ -214,3 +230,35 @@ def test_it_rejects_a_bad_name_or_scorer_before_reading(
     with pytest.raises(DatasetImportError, match=problem):
         import_dataset(write_file("mini.jsonl", JSONL), name=name, scorer=scorer)
     assert _db_state() == (0, 0)
+
+
+def test_the_regex_scorer_keeps_its_pattern(write_file: WriteFile) -> None:
+    dataset, created = import_dataset(
+        write_file("mini.jsonl", JSONL), name="mini", scorer="regex", scorer_pattern=r"(?i)answer:\s*(\w+)"
+    )
+    assert created
+    assert (dataset.scorer, dataset.scorer_pattern) == ("regex", r"(?i)answer:\s*(\w+)")
+
+
+@pytest.mark.parametrize(
+    ("scorer", "pattern", "problem"),
+    [
+        pytest.param("regex", "", "'regex' scorer needs a pattern", id="regex-without-pattern"),
+        pytest.param("regex", "(unclosed", "is not a valid regex", id="bad-regex"),
+        pytest.param("exact", r"(\d+)", "only used by the 'regex' scorer", id="pattern-without-regex"),
+    ],
+)
+def test_it_rejects_a_scorer_that_cannot_score(write_file: WriteFile, scorer: str, pattern: str, problem: str) -> None:
+    with pytest.raises(DatasetImportError, match=problem):
+        import_dataset(write_file("mini.jsonl", JSONL), name="mini", scorer=scorer, scorer_pattern=pattern)
+    assert _db_state() == (0, 0)
+
+
+def test_it_refuses_the_same_content_under_the_same_name_with_another_pattern(write_file: WriteFile) -> None:
+    import_dataset(write_file("mini.jsonl", JSONL), name="mini", scorer="regex", scorer_pattern=r"(\d+)")
+    before = _db_state()
+    with pytest.raises(DatasetImportError, match=r"with pattern '\(\\\\d\+\)', not scorer 'regex' with pattern"):
+        import_dataset(write_file("mini.jsonl", JSONL), name="mini", scorer="regex", scorer_pattern=r"(\w+)")
+    assert _db_state() == before
+    _, created = import_dataset(write_file("mini.jsonl", JSONL), name="mini", scorer="regex", scorer_pattern=r"(\d+)")
+    assert not created

@@ -17,10 +17,14 @@ MakeVersion = Callable[..., PromptVersion]
 
 def test_identical_content_returns_the_stored_version(prompt: Prompt) -> None:
     first, created_first = prompt.create_version(
-        template="{{ question }} {{ context }}", variables=["question", "context"], params={"max_new_tokens": 8}
+        template="{{ question }} {{ context }}",
+        variables=["question", "context"],
+        params={"max_new_tokens": 8},
     )
     again, created_again = prompt.create_version(
-        template="{{ question }} {{ context }}", variables=["context", "question"], params={"max_new_tokens": 8}
+        template="{{ question }} {{ context }}",
+        variables=["context", "question"],
+        params={"max_new_tokens": 8},
     )
     assert (created_first, created_again) == (True, False)
     assert again.pk == first.pk
@@ -35,7 +39,9 @@ def test_changed_content_is_a_new_version(make_version: MakeVersion, prompt: Pro
     assert prompt.versions.count() == 2
 
 
-def test_version_numbers_increase_and_parent_defaults_to_the_previous_version(make_version: MakeVersion) -> None:
+def test_version_numbers_increase_and_parent_defaults_to_the_previous_version(
+    make_version: MakeVersion,
+) -> None:
     v1 = make_version()
     v2 = make_version(template="Question: {{ question }}")
     v3 = make_version(template="Q: {{ question }}\nThink, then answer.", parent=v1)
@@ -64,9 +70,7 @@ def test_stored_versions_are_immutable(make_version: MakeVersion) -> None:
     assert version.template == "Q: {{ question }}\nA:"
 
 
-def test_moving_a_label_records_each_move_and_a_rollback_is_a_move(
-    make_version: MakeVersion, prompt: Prompt
-) -> None:
+def test_moving_a_label_records_each_move_and_a_rollback_is_a_move(make_version: MakeVersion, prompt: Prompt) -> None:
     v1 = make_version()
     v2 = make_version(template="Question: {{ question }}")
 
@@ -85,9 +89,7 @@ def test_moving_a_label_records_each_move_and_a_rollback_is_a_move(
     assert list(LabelMove.objects.filter(label__prompt=prompt)) == [rolled_back, promoted, created]
 
 
-def test_it_rejects_unknown_label_naming_the_prompt_and_known_labels(
-    make_version: MakeVersion, prompt: Prompt
-) -> None:
+def test_it_rejects_unknown_label_naming_the_prompt_and_known_labels(make_version: MakeVersion, prompt: Prompt) -> None:
     version = make_version()
     prompt.move_label("prod", version)
     prompt.move_label("staging", version)
@@ -132,9 +134,7 @@ def test_it_rejects_an_undeclared_template_variable(prompt: Prompt) -> None:
         ("{{ question }}", "{{ ().__class__.__base__.__subclasses__() }}"),
     ],
 )
-def test_a_sandbox_escape_is_refused_and_nothing_is_stored(
-    prompt: Prompt, template: str, system_message: str
-) -> None:
+def test_a_sandbox_escape_is_refused_and_nothing_is_stored(prompt: Prompt, template: str, system_message: str) -> None:
     with pytest.raises(ValidationError, match="private attribute '__"):
         prompt.create_version(template=template, system_message=system_message, variables=["question"])
     assert not PromptVersion.objects.exists()

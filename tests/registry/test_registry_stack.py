@@ -37,7 +37,11 @@ def test_a_stack_may_pin_a_version(parts: dict[str, Any]) -> None:
 
 def test_a_stack_may_follow_a_label(parts: dict[str, Any]) -> None:
     stack = Stack.objects.create(
-        name="follow", prompt=parts["prompt"], prompt_label="prod", scaling=parts["scaling"], artifact=parts["artifact"]
+        name="follow",
+        prompt=parts["prompt"],
+        prompt_label="prod",
+        scaling=parts["scaling"],
+        artifact=parts["artifact"],
     )
     assert stack.resolve_prompt_version() == parts["version"]
     assert stack.describe_prompt() == "qa:prod"

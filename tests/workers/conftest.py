@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -25,15 +26,18 @@ def database_url() -> str:
 
 
 @contextmanager
-def running_worker() -> Iterator[subprocess.Popen[bytes]]:
+def running_worker(**extra_env: str) -> Iterator[subprocess.Popen[bytes]]:
     """A real `manage.py worker` process on a queue of its own, bound to the test database."""
     queue = f"test-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "DATABASE_URL": database_url(), "FULCRUM_QUEUE": queue}
-    log = open(ROOT / "var" / f"worker-{queue}.log", "wb") if (ROOT / "var").is_dir() else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "manage.py"), "worker", "-c", "1", "-Q", queue, "-l", "INFO"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
+    env = {**os.environ, "DATABASE_URL": database_url(), "FULCRUM_QUEUE": queue, **extra_env}
+    (ROOT / "var").mkdir(exist_ok=True)
+    with open(ROOT / "var" / f"worker-{queue}.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "manage.py"), "worker", "-c", "1", "-Q", queue, "-l", "INFO"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     previous = app.conf.task_default_queue
     app.conf.task_default_queue = queue
     try:
@@ -46,6 +50,13 @@ def running_worker() -> Iterator[subprocess.Popen[bytes]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,11 +23,15 @@ pytestmark = [pytest.mark.realmodel, pytest.mark.django_db(transaction=True)]
 DATA = Path(settings.BASE_DIR) / "data" / "demo"
 
 
-def test_a_run_on_the_real_model_is_evaluated_by_a_worker_process(worker_process) -> None:  # type: ignore[no-untyped-def]
-    artifact, _ = import_model(convert.find_smollm2_gguf(), name="SmolLM2-135M-Instruct", progress=lambda _: None)
+def test_a_run_on_the_real_model_is_evaluated_by_a_worker_process(worker_process, free_port) -> None:  # type: ignore[no-untyped-def]
+    artifact, _ = import_model(
+        convert.find_smollm2_gguf(), name="SmolLM2-135M-Instruct", progress=lambda _: None
+    )
     assert artifact.parameter_count > 100_000_000
     lines = (DATA / "arithmetic.jsonl").read_text().splitlines()[:4]
-    dataset, _ = import_dataset(io.StringIO("\n".join(lines)), name="arith-e2e", scorer="numeric", fmt="jsonl")
+    dataset, _ = import_dataset(
+        io.StringIO("\n".join(lines)), name="arith-e2e", scorer="numeric", fmt="jsonl"
+    )
     prompt = Prompt.objects.create(name="e2e")
     version, _ = prompt.create_version(
         template="{{ question }}",
@@ -40,7 +45,8 @@ def test_a_run_on_the_real_model_is_evaluated_by_a_worker_process(worker_process
     stack = Stack.objects.create(name="e2e", prompt_version=version, scaling=scaling, artifact=artifact)
     run = evaluation.create_run(stack, dataset)
 
-    with worker_process() as worker:
+    port = free_port
+    with worker_process(FULCRUM_WORKER_METRICS_PORT=str(port)) as worker:
         evaluation.start_run(run)  # outside a transaction: queued at once
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -49,6 +55,7 @@ def test_a_run_on_the_real_model_is_evaluated_by_a_worker_process(worker_process
                 break
             assert worker.poll() is None, "worker process died"
             time.sleep(0.5)
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
     assert run.status == EvaluationRun.Status.SUCCEEDED, run.error
     assert run.items_done == run.items_total == 4
@@ -66,5 +73,9 @@ def test_a_run_on_the_real_model_is_evaluated_by_a_worker_process(worker_process
     scores = [r.score for r in results]
     assert run.summary["accuracy"] == pytest.approx(sum(s for s in scores if s is not None) / 4)
     assert run.summary["generated_tokens"] == sum(r.generated_tokens for r in results)
+    # The worker's own /metrics endpoint shows what its child process recorded.
+    assert 'fulcrum_evaluation_items_total{stack="e2e"} 4.0' in scrape
+    assert 'fulcrum_evaluation_runs_total{status="succeeded"}' in scrape
+    assert "fulcrum_inference_time_to_first_token_seconds_bucket" in scrape
     # The stored run records are plain JSON all the way down.
     json.dumps(run.summary)

@@ -5,6 +5,14 @@ benchmarked, tested and reused on its own.
 """
 
 from .generate import Engine, Generation, Sample, SamplingParams
-from .runtime import ProviderUnavailable, create_session
+from .runtime import ModelLoadError, ProviderUnavailable, create_session
 
-__all__ = ["Engine", "Generation", "Sample", "SamplingParams", "ProviderUnavailable", "create_session"]
+__all__ = [
+    "Engine",
+    "Generation",
+    "Sample",
+    "SamplingParams",
+    "ModelLoadError",
+    "ProviderUnavailable",
+    "create_session",
+]

@@ -104,7 +104,11 @@ class Engine:
         return self.tokenizer.render(messages)
 
     def generate_chat(
-        self, conversations: Sequence[list[dict[str, str]]], params: SamplingParams, *, seeds: Sequence[int] = ()
+        self,
+        conversations: Sequence[list[dict[str, str]]],
+        params: SamplingParams,
+        *,
+        seeds: Sequence[int] = (),
     ) -> list[Generation]:
         return self.generate([self.render(c) for c in conversations], params, seeds=seeds)
 
@@ -144,7 +148,9 @@ class Engine:
     def _run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(["logits", *self._present_names], feed)  # type: ignore[no-any-return]
 
-    def _generate_batch(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams) -> list[Generation]:
+    def _generate_batch(
+        self, prompts: list[list[int]], seeds: list[int], params: SamplingParams
+    ) -> list[Generation]:
         tok = self.tokenizer
         n = params.n
         batch = len(prompts)
@@ -187,7 +193,11 @@ class Engine:
             if params.temperature > 0:
                 uniforms = np.array([rngs[r].random() for r in active], dtype=np.float64)
             return choose_tokens(
-                step_logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, uniforms=uniforms
+                step_logits,
+                temperature=params.temperature,
+                top_k=params.top_k,
+                top_p=params.top_p,
+                uniforms=uniforms,
             )
 
         chosen = draw(last_logits)
@@ -249,5 +259,7 @@ class Engine:
                 )
                 stats.tokens += len(tokens[r])
             latency = max(done_at[item * n : (item + 1) * n]) or (time.perf_counter() - t0)
-            out.append(Generation(samples=samples, prompt_tokens=len(prompts[item]), latency_s=latency, ttft_s=ttft))
+            out.append(
+                Generation(samples=samples, prompt_tokens=len(prompts[item]), latency_s=latency, ttft_s=ttft)
+            )
         return out

@@ -18,6 +18,10 @@ class ProviderUnavailable(RuntimeError):
     pass
 
 
+class ModelLoadError(RuntimeError):
+    """The ONNX file exists but ONNX Runtime cannot load it (truncated, corrupt, wrong format)."""
+
+
 def _session_options(threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -27,7 +31,9 @@ def _session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-def create_session(model_path: Path | str, provider: str = "auto", threads: int = 0) -> tuple[ort.InferenceSession, str]:
+def create_session(
+    model_path: Path | str, provider: str = "auto", threads: int = 0
+) -> tuple[ort.InferenceSession, str]:
     """Open `model_path` on CUDA when it really loads, else on the CPU; return (session, "cuda" | "cpu").
 
     onnxruntime-gpu always *lists* the CUDA provider, even on a machine with no GPU or no CUDA libraries; only
@@ -44,7 +50,7 @@ def create_session(model_path: Path | str, provider: str = "auto", threads: int 
         options.log_severity_level = 4
         ort.set_default_logger_severity(4)
         try:
-            session = ort.InferenceSession(path, options, providers=[CUDA, CPU])
+            session = _open(path, options, [CUDA, CPU])
         finally:
             ort.set_default_logger_severity(2)
         chosen = session.get_providers()[0]
@@ -57,5 +63,11 @@ def create_session(model_path: Path | str, provider: str = "auto", threads: int 
         return session, _SHORT.get(chosen, chosen)
     if provider == "cuda":
         raise ProviderUnavailable("CUDA was requested but this onnxruntime build has no CUDA provider")
-    session = ort.InferenceSession(path, options, providers=[CPU])
-    return session, "cpu"
+    return _open(path, options, [CPU]), "cpu"
+
+
+def _open(path: str, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(path, options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types for every load failure
+        raise ModelLoadError(f"cannot load ONNX model {path}: {exc}") from exc

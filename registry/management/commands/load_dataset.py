@@ -20,8 +20,11 @@ class Command(BaseCommand):
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("path", help="the .jsonl or .csv file")
         parser.add_argument("--name", required=True, help="dataset name (a slug, e.g. gsm-mini)")
+        parser.add_argument("--scorer", required=True, choices=Dataset.Scorer.values, help="how answers are scored")
         parser.add_argument(
-            "--scorer", required=True, choices=Dataset.Scorer.values, help="how answers are scored"
+            "--scorer-pattern",
+            default="",
+            help="for --scorer regex: a regular expression whose first group (or whole match) is the answer",
         )
         parser.add_argument("--description", default="", help="free text kept with the dataset")
         parser.add_argument(
@@ -38,16 +41,16 @@ class Command(BaseCommand):
                 options["path"],
                 name=options["name"],
                 scorer=options["scorer"],
+                scorer_pattern=options["scorer_pattern"],
                 fmt=options["fmt"],
                 description=options["description"],
             )
         except DatasetImportError as exc:
             raise CommandError(str(exc)) from None
-        facts = f"{dataset.item_count} items, scorer {dataset.scorer}, content hash {dataset.content_hash}"
+        pattern = f" (pattern {dataset.scorer_pattern!r})" if dataset.scorer_pattern else ""
+        facts = f"{dataset.item_count} items, scorer {dataset.scorer}{pattern}, content hash {dataset.content_hash}"
         if created:
-            self.stdout.write(
-                self.style.SUCCESS(f"Created dataset {dataset.name!r} (id {dataset.pk}): ") + facts
-            )
+            self.stdout.write(self.style.SUCCESS(f"Created dataset {dataset.name!r} (id {dataset.pk}): ") + facts)
         else:
             self.stdout.write(
                 self.style.WARNING(f"Dataset {dataset.name!r} is already present (id {dataset.pk}): ")

@@ -34,9 +34,7 @@ def _parse_json(text: str, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CommandError(
-            f"the {what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
+        raise CommandError(f"the {what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
 
 
 def _get_prompt(name: str) -> Prompt:
@@ -80,9 +78,7 @@ class Command(BaseCommand):
             type=Path,
             help='JSON file with few-shot examples: [{"inputs": {...}, "output": "..."}]',
         )
-        create.add_argument(
-            "--params", default="{}", help='model parameters as JSON, e.g. {"max_new_tokens": 64}'
-        )
+        create.add_argument("--params", default="{}", help='model parameters as JSON, e.g. {"max_new_tokens": 64}')
         create.add_argument("--message", default="", help="commit message")
         create.add_argument("--parent", type=int, help="parent version number (default: the latest)")
         create.add_argument("--description", default="", help="description, when the prompt is new")
@@ -124,9 +120,7 @@ class Command(BaseCommand):
         if options["examples_file"] is not None:
             examples = _parse_json(_read_text(options["examples_file"], "examples file"), "examples file")
             if not isinstance(examples, list):
-                raise CommandError(
-                    'the examples file must hold a JSON list of {"inputs": {...}, "output": "..."}'
-                )
+                raise CommandError('the examples file must hold a JSON list of {"inputs": {...}, "output": "..."}')
         params = _parse_json(options["params"], "--params value")
         if not isinstance(params, dict):
             raise CommandError("--params must be a JSON object")
@@ -154,8 +148,7 @@ class Command(BaseCommand):
         if created:
             parent_text = f"parent v{version.parent.number}" if version.parent else "no parent"
             self.stdout.write(
-                self.style.SUCCESS(f"Stored {version}")
-                + f" ({parent_text}, content hash {version.content_hash[:12]})"
+                self.style.SUCCESS(f"Stored {version}") + f" ({parent_text}, content hash {version.content_hash[:12]})"
             )
         else:
             self.stdout.write(
@@ -169,9 +162,7 @@ class Command(BaseCommand):
         label_name: str = options["label"]
         current = prompt.labels.filter(name=label_name).first()
         if current is not None and current.version_id == version.pk:
-            self.stdout.write(
-                f"{prompt.name}:{label_name} already points at v{version.number}; nothing moved"
-            )
+            self.stdout.write(f"{prompt.name}:{label_name} already points at v{version.number}; nothing moved")
             return
         try:
             move = prompt.move_label(label_name, version, reason=options["reason"])

