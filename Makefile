@@ -44,7 +44,7 @@ test: install services
 	$(TEST_ENV) PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/var/test-metrics $(PY) -m pytest
 
 bench: install
-	HF_HUB_OFFLINE=1 $(PY) -m workers.bench
+	HF_HUB_OFFLINE=1 $(PY) -m workers.engine.bench
 
 lint: install
 	$(VENV)/bin/ruff check .

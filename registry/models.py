@@ -36,6 +36,13 @@ class ImmutableError(ValidationError):
     pass
 
 
+class LabelConflict(Exception):
+    """A conditional label move found the label pointing somewhere else than the caller expected."""
+
+
+ANY_VERSION: Any = object()  # move_label's default `expected`: move whatever the label points at now
+
+
 def _reject_dunder_access(source: str, field: str) -> None:
     """Refuse a template that reaches for `__dunder__` attributes (`''.__class__`, `cycler.__init__`).
 
@@ -66,12 +73,44 @@ def _reject_dunder_access(source: str, field: str) -> None:
             )
 
 
+# --- Tags ---------------------------------------------------------------------------------------------------
+
+
+class Tag(models.Model):
+    """A free label for grouping prompts, stacks, datasets and artifacts (e.g. team-search, experiment)."""
+
+    NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,49}")
+
+    name = models.CharField(max_length=50, unique=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def get_many(cls, names: list[str]) -> list[Tag]:
+        """The tags with these names, created when new; ValidationError for a malformed name."""
+        bad = [name for name in names if not isinstance(name, str) or not cls.NAME_RE.fullmatch(name)]
+        if bad:
+            raise ValidationError(f"tag {bad[0]!r} must be lower-case letters, digits, '.', '-' or '_' (at most 50)")
+        tags = []
+        for name in dict.fromkeys(names):
+            tag, _ = cls.objects.get_or_create(name=name)
+            tags.append(tag)
+        return tags
+
+
 # --- Prompt layer -------------------------------------------------------------------------------------------
 
 
 class Prompt(models.Model):
     name = models.SlugField(max_length=100, unique=True)
     description = models.TextField(blank=True)
+    tags = models.ManyToManyField(Tag, blank=True, related_name="prompts")
+    # The highest version number ever issued: a deleted version's number is never reused for other content.
+    version_counter = models.PositiveIntegerField(default=0, editable=False)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -106,16 +145,19 @@ class Prompt(models.Model):
         content_hash = PromptVersion.hash_content(template, system_message, examples, variables, params)
         with transaction.atomic():
             # Lock the prompt row so two concurrent creates cannot take the same version number.
-            Prompt.objects.select_for_update().filter(pk=self.pk).first()
+            locked = Prompt.objects.select_for_update().filter(pk=self.pk).first()
             existing = self.versions.filter(content_hash=content_hash).first()
             if existing is not None:
                 return existing, False
             last = self.versions.order_by("-number").first()
             if parent is None:
                 parent = last
+            number = max(last.number if last else 0, locked.version_counter if locked else 0) + 1
+            Prompt.objects.filter(pk=self.pk).update(version_counter=number)
+            self.version_counter = number
             version = PromptVersion(
                 prompt=self,
-                number=(last.number + 1) if last else 1,
+                number=number,
                 template=template,
                 system_message=system_message,
                 examples=examples,
@@ -136,15 +178,38 @@ class Prompt(models.Model):
             known = ", ".join(self.labels.values_list("name", flat=True)) or "none"
             raise PromptLabel.DoesNotExist(f"prompt {self.name!r} has no label {label!r} (labels: {known})") from None
 
-    def move_label(self, label: str, version: PromptVersion, *, user: Any = None, reason: str = "") -> LabelMove:
-        """Point `label` at `version` (creating the label if new) and record the move. Rollback is a move."""
+    def move_label(
+        self,
+        label: str,
+        version: PromptVersion,
+        *,
+        user: Any = None,
+        reason: str = "",
+        expected: PromptVersion | None | object = ANY_VERSION,
+    ) -> LabelMove:
+        """Point `label` at `version` (creating the label if new) and record the move. Rollback is a move.
+
+        `expected` makes the move conditional: it goes ahead only while the label still points at that version
+        (None: only while the label does not exist yet), else LabelConflict. Concurrent moves are serialised
+        on the label row (on the prompt row while the label is new), so the history's chain stays unbroken.
+        """
         if version.prompt_id != self.pk:
             raise ValidationError(f"version {version} does not belong to prompt {self.name!r}")
         if not PromptLabel.NAME_RE.fullmatch(label):
             raise ValidationError(f"label {label!r} must be lower-case letters, digits, '-' or '_'")
         with transaction.atomic():
             current = PromptLabel.objects.select_for_update().filter(prompt=self, name=label).first()
+            if current is None:
+                # Two first moves of a new label: the prompt row lock lets one create it, the other sees it.
+                Prompt.objects.select_for_update().filter(pk=self.pk).first()
+                current = PromptLabel.objects.select_for_update().filter(prompt=self, name=label).first()
             previous = current.version if current else None
+            if expected is not ANY_VERSION and expected != previous:
+                now = f"v{previous.number}" if previous else "nothing"
+                wanted = f"v{expected.number}" if isinstance(expected, PromptVersion) else "nothing"
+                raise LabelConflict(
+                    f"label {label!r} of prompt {self.name!r} points at {now}, not {wanted}: it moved meanwhile"
+                )
             if current is None:
                 current = PromptLabel.objects.create(prompt=self, name=label, version=version)
             else:
@@ -308,6 +373,7 @@ class ModelArtifact(models.Model):
     )
     price_per_1k_tokens = models.DecimalField(max_digits=12, decimal_places=6, default=0)
     metadata = models.JSONField(default=dict, blank=True)
+    tags = models.ManyToManyField(Tag, blank=True, related_name="artifacts")
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -394,6 +460,7 @@ class Stack(models.Model):
     fine_tune = models.ForeignKey(FineTune, null=True, blank=True, on_delete=models.PROTECT, related_name="stacks")
     artifact = models.ForeignKey(ModelArtifact, on_delete=models.PROTECT, related_name="stacks")
     description = models.TextField(blank=True)
+    tags = models.ManyToManyField(Tag, blank=True, related_name="stacks")
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -450,6 +517,7 @@ class Dataset(models.Model):
     scorer_pattern = models.CharField(max_length=500, blank=True, help_text="regular expression for the regex scorer")
     content_hash = models.CharField(max_length=64, editable=False)
     item_count = models.PositiveIntegerField(default=0)
+    tags = models.ManyToManyField(Tag, blank=True, related_name="datasets")
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -546,3 +614,110 @@ class ItemResult(models.Model):
 
     def __str__(self) -> str:
         return f"{self.run_id}/{self.item.key}: {self.answer!r} ({self.score})"
+
+
+# --- Access: roles, API tokens, label policies, audit log -----------------------------------------------------
+
+
+class Role(models.TextChoices):
+    """Roles are Django groups of these names; each includes the ones before it (registry/access.py)."""
+
+    VIEWER = "viewer", "viewer (read everything)"
+    EDITOR = "editor", "editor (create prompts, versions, datasets, stacks, runs; move non-protected labels)"
+    DEPLOYER = "deployer", "deployer (also move protected labels such as production)"
+    ADMIN = "admin", "admin (also policies, everyone's tokens, deletions)"
+
+
+class ApiToken(models.Model):
+    """A bearer token for the API. Only a sha256 digest is stored; the token itself is shown once."""
+
+    class Scope(models.TextChoices):
+        READ = "read", "read only"
+        WRITE = "write", "read and write"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, help_text="what the token is for, e.g. search-service")
+    prefix = models.CharField(max_length=16, unique=True, editable=False, help_text="public part, for lookup")
+    digest = models.CharField(max_length=64, editable=False)
+    scope = models.CharField(max_length=10, choices=Scope.choices, default=Scope.READ)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…, {self.scope})"
+
+    @property
+    def is_active(self) -> bool:
+        if self.revoked_at is not None:
+            return False
+        return self.expires_at is None or self.expires_at > timezone.now()
+
+
+class LabelPolicy(models.Model):
+    """Who may move a label, and the evaluation a version needs before the label may point at it.
+
+    A policy without a prompt applies to every prompt's label of that name; a prompt's own policy wins.
+    """
+
+    prompt = models.ForeignKey(
+        Prompt, null=True, blank=True, on_delete=models.CASCADE, related_name="label_policies", help_text="empty: all"
+    )
+    label = models.CharField(max_length=50, default="production")
+    required_role = models.CharField(max_length=10, choices=Role.choices, default=Role.DEPLOYER)
+    gate_dataset = models.SlugField(
+        max_length=100,
+        blank=True,
+        help_text="dataset name: the target version needs a finished run on it, not worse than the current one's",
+    )
+    gate_metric = models.CharField(max_length=50, default="accuracy", help_text="a key of the run summary")
+    higher_is_better = models.BooleanField(default=True)
+    tolerance = models.FloatField(default=0.0, help_text="how much worse than the current version still passes")
+
+    class Meta:
+        ordering = ["label", "prompt__name"]
+        verbose_name_plural = "label policies"
+        constraints = [
+            models.UniqueConstraint(fields=["prompt", "label"], name="labelpolicy_unique_prompt_label"),
+            models.UniqueConstraint(
+                fields=["label"], condition=models.Q(prompt__isnull=True), name="labelpolicy_unique_global_label"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        scope = self.prompt.name if self.prompt_id and self.prompt else "every prompt"
+        gate = f", gate {self.gate_metric} on {self.gate_dataset}" if self.gate_dataset else ""
+        return f"{self.label} of {scope}: {self.required_role}{gate}"
+
+    def clean(self) -> None:
+        if not PromptLabel.NAME_RE.fullmatch(self.label or ""):
+            raise ValidationError(f"label {self.label!r} must be lower-case letters, digits, '-' or '_'")
+        if self.tolerance < 0:
+            raise ValidationError("tolerance must be >= 0")
+
+
+class AuditEntry(models.Model):
+    """One write to the registry: who, when, through what, to which record, with what details."""
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    username = models.CharField(max_length=150, blank=True, help_text="kept when the user is deleted")
+    token = models.ForeignKey(ApiToken, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    via = models.CharField(max_length=10, help_text="api, admin or cli")
+    action = models.CharField(max_length=50, db_index=True, help_text="e.g. prompt.create, label.move")
+    object_type = models.CharField(max_length=50, db_index=True)
+    object_id = models.CharField(max_length=64, blank=True)
+    object_repr = models.CharField(max_length=200, blank=True)
+    details = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        verbose_name_plural = "audit entries"
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.username or '-'} {self.action} {self.object_repr}"

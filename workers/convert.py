@@ -122,7 +122,7 @@ def convert(source: Path, out_dir: Path, *, progress: Progress = print) -> Conve
         started = time.monotonic()
         if kind == "gguf":
             hf_dir = work / "hf"
-            _gguf_to_hf(source, hf_dir, progress)
+            gguf_to_hf(source, hf_dir, progress)
             _export_onnx(hf_dir, work / "onnx", progress)
             shutil.rmtree(hf_dir)
         elif kind == "hf":
@@ -182,7 +182,7 @@ def _check_folder(folder: Path) -> None:
         raise ConversionError(f"{folder} lacks {', '.join(missing)}")
 
 
-def _gguf_to_hf(gguf: Path, out: Path, progress: Progress) -> None:
+def gguf_to_hf(gguf: Path, out: Path, progress: Progress) -> None:
     progress(f"loading {gguf.name} with transformers (de-quantising GGUF tensors to float32)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -147,6 +147,37 @@ def test_left_padding_does_not_change_greedy_tokens(tiny_engine: Engine) -> None
     assert together[0] == greedy(tiny_engine, [long])[0]
 
 
+def test_a_shared_prompt_head_runs_once_without_changing_outputs(
+    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    head = "You answer questions about numbers and words. " * 4
+    prompts = [
+        tiny_engine.render([{"role": "system", "content": head}, {"role": "user", "content": q}])
+        for q in ("hello", "what is two plus two", LONG_QUESTION)
+    ]
+    encoded = [tiny_engine.tokenizer.encode(p) for p in prompts]
+    calls: list[tuple[int, ...]] = []
+    original = tiny_engine._forward
+
+    def spy(ids: np.ndarray, *args: Any) -> list[np.ndarray]:
+        calls.append(ids.shape)
+        return original(ids, *args)
+
+    monkeypatch.setattr(tiny_engine, "_forward", spy)
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, ignore_eos=True, seed=5)
+    shared = tiny_engine.generate(prompts, params)
+    # The head runs as one row, then only the tails run for the three prompts.
+    assert calls[0][0] == 1 and calls[0][1] >= 20
+    assert calls[1][0] == 3 and calls[1][1] < max(len(e) for e in encoded)
+    monkeypatch.setattr(Engine, "MIN_SHARED_PREFIX", 10**6)
+    calls.clear()
+    separate = tiny_engine.generate(prompts, params)
+    assert calls[0] == (3, max(len(e) for e in encoded))
+    for a, b in zip(shared, separate, strict=True):
+        assert [s.token_ids for s in a.samples] == [s.token_ids for s in b.samples]
+        assert [s.mean_logprob for s in a.samples] == pytest.approx([s.mean_logprob for s in b.samples], abs=1e-4)
+
+
 def test_left_padding_does_not_change_seeded_samples(tiny_engine: Engine) -> None:
     short = tiny_engine.render(chat("hello"))
     long = tiny_engine.render(chat(LONG_QUESTION))

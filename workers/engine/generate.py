@@ -95,8 +95,18 @@ class Engine:
         shape = inputs[self._kv_names[0]].shape
         self._kv_heads, self._head_dim = int(shape[1]), int(shape[3])
         self._kv_dtype = np.float16 if "float16" in inputs[self._kv_names[0]].type else np.float32
-        self.max_rows = max_rows or (64 if self.provider == "cpu" else 256)
+        self.max_rows = max_rows or self._default_max_rows()
         self.last_stats = BatchStats()
+
+    MIN_SHARED_PREFIX = 8
+
+    def _default_max_rows(self) -> int:
+        """Rows decoded together: wide enough to amortise each step's weight reads, small enough that the KV
+        cache of a long generation stays within a fixed budget (1 GiB on CPU, 8 GiB on a GPU)."""
+        bytes_per_token = len(self._kv_names) * self._kv_heads * self._head_dim * np.dtype(self._kv_dtype).itemsize
+        budget = (8 if self.provider == "cuda" else 1) * 2**30
+        by_memory = budget // (bytes_per_token * 2048)  # a row of 2k tokens of context
+        return int(max(8, min(256 if self.provider == "cuda" else 64, by_memory)))
 
     # -- public API --------------------------------------------------------------------------------------------
 
@@ -148,29 +158,54 @@ class Engine:
     def _run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(["logits", *self._present_names], feed)  # type: ignore[no-any-return]
 
+    def _prefill(self, prompts: list[list[int]]) -> tuple[np.ndarray, list[np.ndarray], IntArray, IntArray]:
+        """Run every distinct prompt once; return (logits, KV cache, attention mask, position ids).
+
+        Prompts of one batch usually share a long head (system message, few-shot examples): that head runs once
+        and its cache is copied to every row, then only the differing tails run, left-padded after the head.
+        """
+        batch = len(prompts)
+        shared = _common_prefix(prompts) if batch > 1 else 0
+        shared = min(shared, min(len(p) for p in prompts) - 1)  # each row keeps a tail to produce its logits
+        if shared < self.MIN_SHARED_PREFIX:
+            shared = 0
+        cache = [np.zeros((1, self._kv_heads, 0, self._head_dim), dtype=self._kv_dtype)] * len(self._kv_names)
+        head_mask = np.ones((batch, shared), dtype=np.int64)
+        if shared:
+            head = np.asarray([prompts[0][:shared]], dtype=np.int64)
+            _, *cache = self._forward(head, np.ones_like(head), np.arange(shared, dtype=np.int64)[None, :], cache)
+        cache = [np.repeat(c, batch, axis=0) for c in cache] if batch > 1 else cache
+        tails = [p[shared:] for p in prompts]
+        width = max(len(t) for t in tails)
+        ids = np.full((batch, width), self.tokenizer.pad_id, dtype=np.int64)
+        tail_mask = np.zeros((batch, width), dtype=np.int64)
+        for row, tail in enumerate(tails):
+            ids[row, width - len(tail) :] = tail
+            tail_mask[row, width - len(tail) :] = 1
+        mask = np.concatenate([head_mask, tail_mask], axis=1)
+        positions = shared + np.maximum(np.cumsum(tail_mask, axis=1) - 1, 0)
+        logits, *cache = self._forward(ids, mask, positions, cache)
+        return logits, cache, mask, positions
+
+    def _forward(
+        self, ids: IntArray, mask: IntArray, positions: IntArray, cache: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        feed: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
+        if self._has_position_ids:
+            feed["position_ids"] = positions
+        feed.update(zip(self._kv_names, cache, strict=True))
+        return self._run(feed)
+
     def _generate_batch(
         self, prompts: list[list[int]], seeds: list[int], params: SamplingParams
     ) -> list[Generation]:
         tok = self.tokenizer
         n = params.n
         batch = len(prompts)
-        width = max(len(p) for p in prompts)
         t0 = time.perf_counter()
 
-        # Prefill: each distinct prompt once, left-padded.
-        ids = np.full((batch, width), tok.pad_id, dtype=np.int64)
-        mask = np.zeros((batch, width), dtype=np.int64)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p) :] = p
-            mask[row, width - len(p) :] = 1
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        empty = np.zeros((batch, self._kv_heads, 0, self._head_dim), dtype=self._kv_dtype)
-        feed: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
-        if self._has_position_ids:
-            feed["position_ids"] = positions
-        feed.update({name: empty for name in self._kv_names})
-        logits, *cache = self._run(feed)
-        last_logits = logits[:, -1, :]
+        logits, cache, mask, positions = self._prefill(prompts)
+        last_logits = logits[:, -1, :].astype(np.float32, copy=False)
 
         # Share the prefix: replicate the cache and the last logits N ways (rows item0·s0..s(N-1), item1·s0..).
         if n > 1:
@@ -231,12 +266,8 @@ class Engine:
                 next_pos = next_pos[sel]
             t_step = time.perf_counter()
             mask = np.concatenate([mask, np.ones((len(active), 1), dtype=np.int64)], axis=1)
-            feed = {"input_ids": chosen.reshape(-1, 1), "attention_mask": mask}
-            if self._has_position_ids:
-                feed["position_ids"] = next_pos
-            feed.update(zip(self._kv_names, cache, strict=True))
-            logits, *cache = self._run(feed)
-            last_logits = logits[:, -1, :]
+            logits, *cache = self._forward(chosen.reshape(-1, 1), mask, next_pos, cache)
+            last_logits = logits[:, -1, :].astype(np.float32, copy=False)
             next_pos = next_pos + 1
             chosen = draw(last_logits)
             stats.decode_s += time.perf_counter() - t_step
@@ -247,19 +278,30 @@ class Engine:
         for item in range(batch):
             samples = []
             for s in range(n):
-                r = item * n + s
-                lps = logprobs[r]
+                row = item * n + s
+                lps = logprobs[row]
                 samples.append(
                     Sample(
-                        text=tok.decode(tokens[r]),
-                        token_ids=tokens[r],
+                        text=tok.decode(tokens[row]),
+                        token_ids=tokens[row],
                         mean_logprob=float(np.mean(lps)) if lps else 0.0,
-                        finish_reason=finish[r],
+                        finish_reason=finish[row],
                     )
                 )
-                stats.tokens += len(tokens[r])
+                stats.tokens += len(tokens[row])
             latency = max(done_at[item * n : (item + 1) * n]) or (time.perf_counter() - t0)
             out.append(
                 Generation(samples=samples, prompt_tokens=len(prompts[item]), latency_s=latency, ttft_s=ttft)
             )
         return out
+
+
+def _common_prefix(prompts: Sequence[list[int]]) -> int:
+    first = prompts[0]
+    length = min(len(p) for p in prompts)
+    for other in prompts[1:]:
+        i = 0
+        while i < length and other[i] == first[i]:
+            i += 1
+        length = i
+    return length
