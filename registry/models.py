@@ -23,6 +23,8 @@ from django.db import models, transaction
 from django.utils import timezone
 from jinja2 import TemplateSyntaxError, nodes
 
+from fulcrum import metrics
+
 from . import prompting
 
 
@@ -216,6 +218,7 @@ class Prompt(models.Model):
                 current.version = version
                 current.moved_at = timezone.now()
                 current.save(update_fields=["version", "moved_at"])
+            transaction.on_commit(lambda: metrics.LABEL_MOVES.labels(label=label).inc())  # counted once committed
             return LabelMove.objects.create(
                 label=current,
                 from_version=previous,
@@ -412,7 +415,9 @@ class FineTune(models.Model):
 class ScalingConfig(models.Model):
     class Aggregation(models.TextChoices):
         NONE = "none", "none (first sample)"
-        MAJORITY_VOTE = "majority_vote", "majority vote over extracted answers"
+        MAJORITY_VOTE = "majority_vote", "majority vote over extracted answers (self-consistency)"
+        BEST_OF_N = "best_of_n", "best of N by mean token log-probability"
+        PROMPT_ENSEMBLE = "prompt_ensemble", "prompt ensemble: N samples per prompt version, one vote"
 
     name = models.SlugField(max_length=100, unique=True)
     n_samples = models.PositiveSmallIntegerField(default=1)
@@ -459,6 +464,12 @@ class Stack(models.Model):
     scaling = models.ForeignKey(ScalingConfig, on_delete=models.PROTECT, related_name="stacks")
     fine_tune = models.ForeignKey(FineTune, null=True, blank=True, on_delete=models.PROTECT, related_name="stacks")
     artifact = models.ForeignKey(ModelArtifact, on_delete=models.PROTECT, related_name="stacks")
+    ensemble_versions = models.ManyToManyField(
+        PromptVersion,
+        blank=True,
+        related_name="ensemble_stacks",
+        help_text="with prompt_ensemble aggregation: further prompt versions each input is also rendered through",
+    )
     description = models.TextField(blank=True)
     tags = models.ManyToManyField(Tag, blank=True, related_name="stacks")
     created_at = models.DateTimeField(default=timezone.now)
@@ -569,6 +580,7 @@ class EvaluationRun(models.Model):
     # Pinned when the run is created, so a label moving mid-run cannot mix two prompts in one measurement.
     prompt_version = models.ForeignKey(PromptVersion, on_delete=models.PROTECT, related_name="runs")
     artifact = models.ForeignKey(ModelArtifact, on_delete=models.PROTECT, related_name="runs")
+    ensemble_versions = models.ManyToManyField(PromptVersion, blank=True, related_name="ensemble_runs")
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING, db_index=True)
     items_total = models.PositiveIntegerField(default=0)
     items_done = models.PositiveIntegerField(default=0)

@@ -17,6 +17,7 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import Q
 
 from .access import Actor, record
 from .models import (
@@ -66,7 +67,10 @@ class GateResult:
 
 def policy_for(prompt: Prompt, label: str) -> LabelPolicy | None:
     """The prompt's own policy for the label, else the policy for that label on every prompt, else None."""
-    policies = {p.prompt_id: p for p in LabelPolicy.objects.filter(label=label, prompt__in=[prompt.pk, None])}
+    policies = {
+        p.prompt_id: p
+        for p in LabelPolicy.objects.filter(Q(prompt=prompt) | Q(prompt__isnull=True), label=label)
+    }
     return policies.get(prompt.pk) or policies.get(None)
 
 

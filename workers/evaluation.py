@@ -21,10 +21,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from fulcrum import metrics
-from registry.models import Dataset, DatasetItem, EvaluationRun, ItemResult, Stack
+from registry.models import Dataset, DatasetItem, EvaluationRun, ItemResult, PromptVersion, ScalingConfig, Stack
 
 from . import aggregation, scorers
-from .engine import Engine, SamplingParams
+from .engine import Engine, Sample, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +39,32 @@ class RunNotRunnable(RuntimeError):
 
 
 def create_run(stack: Stack, dataset: Dataset) -> EvaluationRun:
-    """A pending run with the prompt version and artifact pinned now (a label may move later)."""
+    """A pending run with the prompt version(s) and artifact pinned now (a label may move later)."""
     version = stack.resolve_prompt_version()
-    total = dataset.items.count()
-    if total == 0:
-        raise RunNotRunnable(f"dataset {dataset.name} has no items")
-    missing = set(version.variables) - set(dataset.items.first().inputs)  # type: ignore[union-attr]
-    if missing:
-        raise RunNotRunnable(
-            f"prompt {version} needs variable(s) {sorted(missing)} that dataset {dataset.name} items do not have"
-        )
-    return EvaluationRun.objects.create(
-        stack=stack,
-        dataset=dataset,
-        prompt_version=version,
-        artifact=stack.effective_artifact(),
-        items_total=total,
+    ensemble = (
+        list(stack.ensemble_versions.all())
+        if stack.scaling.aggregation == ScalingConfig.Aggregation.PROMPT_ENSEMBLE
+        else []
     )
+    first = dataset.items.first()
+    if first is None:
+        raise RunNotRunnable(f"dataset {dataset.name} has no items")
+    for v in (version, *ensemble):
+        missing = set(v.variables) - set(first.inputs)
+        if missing:
+            raise RunNotRunnable(
+                f"prompt {v} needs variable(s) {sorted(missing)} that dataset {dataset.name} items do not have"
+            )
+    with transaction.atomic():
+        run = EvaluationRun.objects.create(
+            stack=stack,
+            dataset=dataset,
+            prompt_version=version,
+            artifact=stack.effective_artifact(),
+            items_total=dataset.items.count(),
+        )
+        run.ensemble_versions.set(ensemble)
+    return run
 
 
 def start_run(run: EvaluationRun) -> None:
@@ -107,27 +116,25 @@ def get_engine(folder: str) -> Engine:
     return Engine(folder, provider=settings.FULCRUM_PROVIDER, threads=settings.FULCRUM_INTRA_OP_THREADS)
 
 
-def sampling_params(run: EvaluationRun) -> SamplingParams:
+def sampling_params(run: EvaluationRun, version: PromptVersion, offset: int = 0) -> SamplingParams:
     scaling = run.stack.scaling
-    params = run.prompt_version.params
+    params = version.params
+    sampled = scaling.n_samples > 1
     return SamplingParams(
         n=scaling.n_samples,
         # A scaling config that samples overrides the prompt's temperature; a greedy one keeps the prompt's.
-        temperature=scaling.temperature
-        if scaling.n_samples > 1
-        else float(params.get("temperature", scaling.temperature)),
-        top_p=scaling.top_p if scaling.n_samples > 1 else float(params.get("top_p", scaling.top_p)),
+        temperature=scaling.temperature if sampled else float(params.get("temperature", scaling.temperature)),
+        top_p=scaling.top_p if sampled else float(params.get("top_p", scaling.top_p)),
         top_k=scaling.top_k or int(params.get("top_k", 0)),
         max_new_tokens=int(params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
-        seed=scaling.seed,
+        # Each prompt of an ensemble draws its own stream of samples.
+        seed=scaling.seed + offset,
     )
 
 
 def evaluate_chunk(run_id: int, item_ids: list[int]) -> int:
     """Evaluate the given items of a run; return how many results were written."""
-    run = EvaluationRun.objects.select_related("stack__scaling", "prompt_version", "artifact", "dataset").get(
-        pk=run_id
-    )
+    run = EvaluationRun.objects.select_related("stack__scaling", "prompt_version", "artifact", "dataset").get(pk=run_id)
     if run.is_finished:
         log.info("run %s is %s; skipping chunk", run_id, run.status)
         return 0
@@ -135,19 +142,34 @@ def evaluate_chunk(run_id: int, item_ids: list[int]) -> int:
     if not items:
         return 0
     engine = get_engine(run.artifact.path)
-    params = sampling_params(run)
-    conversations = [run.prompt_version.render_messages(item.inputs) for item in items]
-    rendered = [engine.render(c) for c in conversations]
-    # Seeding by item index keeps an item's samples identical however the items are chunked.
-    generations = engine.generate(rendered, params, seeds=[item.index for item in items])
+    versions = [run.prompt_version, *run.ensemble_versions.order_by("prompt_id", "number")]
+    # One batched generation per prompt version; an item's samples are then pooled across versions.
+    pooled: list[list[tuple[PromptVersion, Sample]]] = [[] for _ in items]
+    rendered: list[list[str]] = [[] for _ in items]
+    totals = [[0, 0.0, 0.0] for _ in items]  # prompt tokens, latency, time to first token
+    for offset, version in enumerate(versions):
+        texts = [engine.render(version.render_messages(item.inputs)) for item in items]
+        # Seeding by item index keeps an item's samples identical however the items are chunked.
+        gens = engine.generate(texts, sampling_params(run, version, offset), seeds=[item.index for item in items])
+        for i, (text, gen) in enumerate(zip(texts, gens, strict=True)):
+            pooled[i].extend((version, sample) for sample in gen.samples)
+            rendered[i].append(text)
+            totals[i][0] += gen.prompt_tokens
+            totals[i][1] += gen.latency_s
+            totals[i][2] = totals[i][2] or gen.ttft_s
+            metrics.record_generation(engine.provider, gen)
+        stats = engine.last_stats  # of this generate call: the worker time it cost
+        metrics.record_usage(
+            stack=run.stack.name,
+            artifact=run.artifact,
+            engine_seconds=stats.prefill_s + stats.decode_s,
+            generations=gens,
+        )
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    rows = []
-    for item, text, gen in zip(items, rendered, generations, strict=True):
-        rows.append(_item_result(run, item, text, gen, worker))
-        metrics.INFERENCE_SECONDS.labels(provider=engine.provider).observe(gen.latency_s)
-        metrics.TIME_TO_FIRST_TOKEN.labels(provider=engine.provider).observe(gen.ttft_s)
-        metrics.PROMPT_TOKENS.labels(provider=engine.provider).inc(gen.prompt_tokens)
-        metrics.GENERATED_TOKENS.labels(provider=engine.provider).inc(gen.generated_tokens)
+    rows = [
+        _item_result(run, item, rendered[i], pooled[i], int(totals[i][0]), totals[i][1], worker)
+        for i, item in enumerate(items)
+    ]
     metrics.ITEMS_EVALUATED.labels(stack=run.stack.name).inc(len(rows))
     with transaction.atomic():
         locked = EvaluationRun.objects.select_for_update().get(pk=run_id)
@@ -179,41 +201,71 @@ def evaluate_chunk(run_id: int, item_ids: list[int]) -> int:
     return len(rows)
 
 
-def _item_result(run: EvaluationRun, item: DatasetItem, text: str, gen: Any, worker: str) -> ItemResult:
+PROMPT_SEPARATOR = "\n\n===== next prompt version =====\n\n"
+
+
+def _storable(text: str) -> str:
+    # PostgreSQL text and jsonb cannot hold NUL, and a model can emit a byte token that decodes to one.
+    return text.replace("\x00", "\ufffd")
+
+
+def _item_result(
+    run: EvaluationRun,
+    item: DatasetItem,
+    rendered: list[str],
+    pooled: list[tuple[PromptVersion, Sample]],
+    prompt_tokens: int,
+    latency_s: float,
+    worker: str,
+) -> ItemResult:
     scorer_kind = run.dataset.scorer
     pattern = run.dataset.scorer_pattern or None
-    scored = [scorers.score(scorer_kind, s.text, item.expected, pattern=pattern) for s in gen.samples]
+    scored = [scorers.score(scorer_kind, s.text, item.expected, pattern=pattern) for _, s in pooled]
     samples = [
         {
-            "text": s.text,
-            "answer": r.answer,
+            "text": _storable(s.text),
+            "answer": _storable(r.answer),
             "correct": r.correct,
             "refused": r.refused,
             "tokens": len(s.token_ids),
             "mean_logprob": round(s.mean_logprob, 4),
             "finish_reason": s.finish_reason,
+            "prompt_version": str(version),
         }
-        for s, r in zip(gen.samples, scored, strict=True)
+        for (version, s), r in zip(pooled, scored, strict=True)
     ]
-    chosen = 0
-    if run.stack.scaling.aggregation == "majority_vote" and len(scored) > 1:
-        vote = aggregation.majority_vote([r.answer for r in scored])
-        chosen = next((i for i, r in enumerate(scored) if r.answer == vote.answer), 0)
+    chosen = choose_sample(
+        run.stack.scaling.aggregation, [r.answer for r in scored], [s.mean_logprob for _, s in pooled]
+    )
     winner = scored[chosen]
     refused_votes = sum(r.refused for r in scored)
     return ItemResult(
         run=run,
         item=item,
-        rendered_prompt=text,
+        rendered_prompt=_storable(PROMPT_SEPARATOR.join(rendered)),
         samples=samples,
-        answer=winner.answer,
+        answer=_storable(winner.answer),
         score=None if winner.correct is None else float(winner.correct),
+        # Several samples refuse "as a whole" only when most of them do.
         refused=refused_votes * 2 > len(scored) if len(scored) > 1 else winner.refused,
-        prompt_tokens=gen.prompt_tokens,
-        generated_tokens=gen.generated_tokens,
-        latency_s=gen.latency_s,
+        prompt_tokens=prompt_tokens,
+        generated_tokens=sum(len(s.token_ids) for _, s in pooled),
+        latency_s=latency_s,
         worker=worker,
     )
+
+
+def choose_sample(strategy: str, answers: list[str], mean_logprobs: list[float]) -> int:
+    """Index of the sample whose answer stands for the item under the scaling config's aggregation."""
+    if len(answers) == 1 or strategy == ScalingConfig.Aggregation.NONE:
+        return 0
+    if strategy == ScalingConfig.Aggregation.BEST_OF_N:
+        best = aggregation.best_of_n(list(zip(answers, mean_logprobs, strict=True)))
+        ranked = sorted(range(len(answers)), key=lambda i: -mean_logprobs[i])
+        return next((i for i in ranked if answers[i] == best), 0)
+    # majority vote and prompt ensembles both vote over the extracted answers
+    vote = aggregation.majority_vote(answers)
+    return next((i for i, a in enumerate(answers) if a == vote.answer), 0)
 
 
 # --- finishing ---------------------------------------------------------------------------------------------------
@@ -230,15 +282,9 @@ def finalise(run_id: int) -> EvaluationRun:
         if run.started_at:
             run.summary["wall_seconds"] = round((run.finished_at - run.started_at).total_seconds(), 2)
         run.save(update_fields=["summary", "status", "finished_at"])
-    labels = {"stack": run.stack.name, "dataset": run.dataset.name}
+    # Accuracy, refusal and answer rates and the alignment tax are read from the run records when the web process
+    # is scraped (fulcrum/collectors.py), so every worker machine's latest result counts.
     metrics.RUNS.labels(status="succeeded").inc()
-    for key, gauge in (
-        ("accuracy", metrics.ACCURACY),
-        ("refusal_rate_harmful", metrics.REFUSAL_RATE),
-        ("answer_rate_benign", metrics.ANSWER_RATE),
-    ):
-        if run.summary.get(key) is not None:
-            gauge.labels(**labels).set(run.summary[key])
     return run
 
 

@@ -1,11 +1,20 @@
 """Prometheus metrics, in prometheus-client's multiprocess mode.
 
-Every process (web, each worker child, beat) writes its samples to files under PROMETHEUS_MULTIPROC_DIR; a scrape
-of any /metrics endpoint merges them. Labels stay low-cardinality: provider, stack, dataset, status — never an
-item, a user or a run id.
+Every process of a process group (the web server and its workers, a Celery worker and its children, beat) writes
+its samples to files under the group's directory (fulcrum/multiproc.py); a scrape of the group's /metrics merges
+them. Quality figures of finished runs come from the database instead (fulcrum/collectors.py), so every web
+replica reports the same latest values however many worker machines produced them.
+
+Naming follows Prometheus conventions: a `fulcrum_` prefix, base units in the name (`_seconds`, `_ratio`), `_total`
+on counters. Labels stay low-cardinality: provider, stack, dataset, artifact, queue, task, status, prompt label —
+never an item, a user or a run id.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from decimal import Decimal
+from typing import Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -14,11 +23,18 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
-    multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 
-# Generation on a small model takes tens of milliseconds to tens of seconds.
+# --- inference -------------------------------------------------------------------------------------------------
+
+# Whole requests on a small model take tens of milliseconds; N samples of a large one on a CPU, over a minute.
 LLM_LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+# Prefill of one batch: a few milliseconds on a GPU to seconds for long prompts on a CPU.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0)
+# One decode step: ~1 ms for a small model on a GPU, tens to hundreds of ms for a large one on a CPU.
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
+SAMPLES_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 INFERENCE_SECONDS = Histogram(
     "fulcrum_inference_request_seconds",
@@ -30,37 +46,234 @@ TIME_TO_FIRST_TOKEN = Histogram(
     "fulcrum_inference_time_to_first_token_seconds",
     "Time until the first generated token of an input's batch.",
     ["provider"],
-    buckets=LLM_LATENCY_BUCKETS,
+    buckets=TTFT_BUCKETS,
+)
+TIME_PER_OUTPUT_TOKEN = Histogram(
+    "fulcrum_inference_time_per_output_token_seconds",
+    "Decode time per output token of an input after its first: (latency - time to first token) / (tokens - 1) "
+    "of its longest sample.",
+    ["provider"],
+    buckets=TPOT_BUCKETS,
+)
+SAMPLES_PER_REQUEST = Histogram(
+    "fulcrum_inference_samples_per_request",
+    "Samples generated per input (inference-time scaling N).",
+    ["provider"],
+    buckets=SAMPLES_BUCKETS,
 )
 PROMPT_TOKENS = Counter("fulcrum_prompt_tokens", "Prompt tokens processed.", ["provider"])
 GENERATED_TOKENS = Counter("fulcrum_generated_tokens", "Tokens generated, all samples counted.", ["provider"])
+
+# --- cost ------------------------------------------------------------------------------------------------------
+
+WORKER_SECONDS = Counter(
+    "fulcrum_inference_worker_seconds",
+    "Engine time (prefill and decode) a worker process spent generating for a stack on an artifact.",
+    ["stack", "artifact"],
+)
+COST = Counter(
+    "fulcrum_inference_cost",
+    "Money spent on inference: (prompt + generated tokens) / 1000 x the artifact's price_per_1k_tokens, in the "
+    "currency the registry's prices are kept in.",
+    ["stack", "artifact"],
+)
+
+# --- evaluation --------------------------------------------------------------------------------------------------
+
 ITEMS_EVALUATED = Counter("fulcrum_evaluation_items", "Dataset items evaluated.", ["stack"])
 RUNS = Counter("fulcrum_evaluation_runs", "Evaluation runs that reached a final status.", ["status"])
-ACCURACY = Gauge(
-    "fulcrum_evaluation_accuracy_ratio",
-    "Accuracy of the latest finished run of a stack on a dataset.",
-    ["stack", "dataset"],
-    multiprocess_mode="mostrecent",
+RUN_STATUSES = ("succeeded", "failed", "cancelled")
+REGRESSIONS = Counter(
+    "fulcrum_evaluation_regressions",
+    "Finished runs whose metric came out worse than the stack's previous run on the same dataset by more than "
+    "the allowed tolerance (recorded by the regression check).",
+    ["stack", "dataset", "metric"],
 )
-REFUSAL_RATE = Gauge(
-    "fulcrum_evaluation_refusal_rate_ratio",
-    "Share of harmful items refused in the latest finished run.",
-    ["stack", "dataset"],
-    multiprocess_mode="mostrecent",
+
+# --- registry ----------------------------------------------------------------------------------------------------
+
+LABEL_MOVES = Counter(
+    "fulcrum_prompt_label_moves", "Prompt label moves (deploys and rollbacks), by label name.", ["label"]
 )
-ANSWER_RATE = Gauge(
-    "fulcrum_evaluation_answer_rate_ratio",
-    "Share of benign items answered (not refused) in the latest finished run.",
-    ["stack", "dataset"],
-    multiprocess_mode="mostrecent",
+PROMPT_FETCHES = Counter(
+    "fulcrum_prompt_fetches",
+    "Prompts fetched by label through the API; cache=hit is a 304 Not Modified answer to a conditional request.",
+    ["label", "cache"],
 )
+
+# --- workers, beat, process groups -----------------------------------------------------------------------------
+
+TASKS = Counter("fulcrum_celery_tasks", "Celery tasks a worker finished, by task and outcome.", ["task", "state"])
+TASK_STATES = ("succeeded", "failed", "retried")
+TASK_SECONDS = Histogram(
+    "fulcrum_celery_task_seconds",
+    "Run time of Celery tasks in a worker child.",
+    ["task"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0),
+)
+WORKER_PROCESSES = Gauge(
+    "fulcrum_worker_processes",
+    "Live worker child processes of this worker, idle or busy running a task.",
+    ["state"],
+    multiprocess_mode="livesum",
+)
+WORKER_INFO = Gauge(
+    "fulcrum_worker_info",
+    "Always 1 while the worker runs: the queues it consumes and the execution provider it asks for.",
+    ["queues", "provider"],
+    multiprocess_mode="livemax",
+)
+BEAT_TASKS_SENT = Counter("fulcrum_beat_tasks_sent", "Periodic tasks beat sent to the broker.", ["task"])
+GROUP_START_TIME = Gauge(
+    "fulcrum_process_group_start_time_seconds",
+    "Unix time this process group (web, worker or beat) started.",
+    ["role"],
+    multiprocess_mode="livemin",
+)
+
+# --- computed at scrape time by the web process (fulcrum/collectors.py) -----------------------------------------
+
+SCRAPE_TIME_GAUGES: dict[str, str] = {
+    "fulcrum_evaluation_accuracy_ratio": "Accuracy of the latest finished run of a stack on a dataset.",
+    "fulcrum_evaluation_refusal_rate_ratio": "Share of harmful items refused in the latest finished run.",
+    "fulcrum_evaluation_answer_rate_ratio": "Share of benign items answered (not refused) in the latest finished run.",
+    "fulcrum_evaluation_alignment_tax_ratio": (
+        "Helpfulness a stack's safety behaviour costs: share of benign look-alike items refused (1 - answer rate) "
+        "in the latest finished run on a dataset with benign items."
+    ),
+    "fulcrum_evaluation_last_finished_timestamp_seconds": (
+        "Unix time the latest finished run of a stack on a dataset finished."
+    ),
+    "fulcrum_evaluation_open_runs": "Evaluation runs not finished yet, by status (pending, running).",
+    "fulcrum_queue_messages": "Messages waiting in a Celery queue, as the broker reports them.",
+    "fulcrum_broker_up": "1 when the last queue-depth query reached the broker, else 0.",
+}
+
+ALL_METRICS = (
+    INFERENCE_SECONDS,
+    TIME_TO_FIRST_TOKEN,
+    TIME_PER_OUTPUT_TOKEN,
+    SAMPLES_PER_REQUEST,
+    PROMPT_TOKENS,
+    GENERATED_TOKENS,
+    WORKER_SECONDS,
+    COST,
+    ITEMS_EVALUATED,
+    RUNS,
+    REGRESSIONS,
+    LABEL_MOVES,
+    PROMPT_FETCHES,
+    TASKS,
+    TASK_SECONDS,
+    WORKER_PROCESSES,
+    WORKER_INFO,
+    BEAT_TASKS_SENT,
+    GROUP_START_TIME,
+)
+
+
+# --- recording helpers -------------------------------------------------------------------------------------------
+
+
+class _Sample(Protocol):
+    token_ids: list[int]
+
+
+class _Generation(Protocol):
+    samples: Sequence[Any]
+    prompt_tokens: int
+    latency_s: float
+    ttft_s: float
+
+    @property
+    def generated_tokens(self) -> int: ...
+
+
+def record_generation(provider: str, gen: _Generation) -> None:
+    """Latency, token and sample figures of one input's generation."""
+    INFERENCE_SECONDS.labels(provider=provider).observe(gen.latency_s)
+    TIME_TO_FIRST_TOKEN.labels(provider=provider).observe(gen.ttft_s)
+    PROMPT_TOKENS.labels(provider=provider).inc(gen.prompt_tokens)
+    GENERATED_TOKENS.labels(provider=provider).inc(gen.generated_tokens)
+    SAMPLES_PER_REQUEST.labels(provider=provider).observe(len(gen.samples))
+    longest = max((len(s.token_ids) for s in gen.samples), default=0)
+    if longest > 1 and gen.latency_s > gen.ttft_s:
+        TIME_PER_OUTPUT_TOKEN.labels(provider=provider).observe((gen.latency_s - gen.ttft_s) / (longest - 1))
+
+
+def artifact_label(artifact: Any) -> str:
+    """A stable, readable label value for an artifact: its name and the start of its sha256."""
+    return f"{artifact.name}@{artifact.sha256[:8]}"
+
+
+def record_usage(*, stack: str, artifact: Any, engine_seconds: float, generations: Iterable[_Generation]) -> None:
+    """Worker time and money a chunk cost, charged to its stack and artifact."""
+    label = artifact_label(artifact)
+    tokens = sum(g.prompt_tokens + g.generated_tokens for g in generations)
+    price = Decimal(artifact.price_per_1k_tokens or 0)
+    WORKER_SECONDS.labels(stack=stack, artifact=label).inc(max(engine_seconds, 0.0))
+    COST.labels(stack=stack, artifact=label).inc(float(price * tokens / 1000))
+
+
+def record_prompt_fetch(label: str, *, not_modified: bool) -> None:
+    """For the prompt API: one fetch of a prompt by label; not_modified for a 304 answer."""
+    PROMPT_FETCHES.labels(label=label, cache="hit" if not_modified else "miss").inc()
+
+
+def record_regression(stack: str, dataset: str, metric: str) -> None:
+    """For the regression check: a finished run came out worse than the stack's previous one on `metric`."""
+    REGRESSIONS.labels(stack=stack, dataset=dataset, metric=metric).inc()
+
+
+def initialise_counters(role: str) -> None:
+    """Give counters whose label values are known in advance a 0 sample, so alerts and rates see them at once."""
+    if role in {"web", "worker"}:
+        for status in RUN_STATUSES:
+            RUNS.labels(status=status)
+    if role == "worker":
+        for task in ("fulcrum.run_evaluation", "fulcrum.evaluate_chunk"):
+            for state in TASK_STATES:
+                TASKS.labels(task=task, state=state)
+
+
+# --- exposition --------------------------------------------------------------------------------------------------
+
+
+class DeclaredMetrics:
+    """Every Fulcrum metric family with no samples yet, as HELP and TYPE lines only.
+
+    In multiprocess mode a family appears only once some process recorded a sample; declaring the rest lets
+    Prometheus (and the dashboards' checks) know every metric a target serves before the first event.
+    """
+
+    def __init__(self, present: Iterable[str]) -> None:
+        self.present = set(present)
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in ALL_METRICS:
+            for family in metric.describe():
+                if family.name not in self.present:
+                    yield family
+        for name, documentation in SCRAPE_TIME_GAUGES.items():
+            if name not in self.present:
+                yield GaugeMetricFamily(name, documentation)
+
+
+def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 def registry() -> CollectorRegistry:
+    """This process group's merged samples plus the declarations (what a worker's or beat's /metrics serves)."""
+    from .multiproc import GroupCollector
+
     merged = CollectorRegistry()
-    multiprocess.MultiProcessCollector(merged)
+    merged.register(GroupCollector())
     return merged
 
 
 def render_latest() -> tuple[bytes, str]:
-    return generate_latest(registry()), CONTENT_TYPE_LATEST
+    """What the web process's /metrics serves: its group's samples, run results, queue depths."""
+    from .collectors import web_registry
+
+    return render(web_registry())

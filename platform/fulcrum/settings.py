@@ -73,6 +73,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "django_filters",
+    "drf_spectacular",
     "django_celery_beat",
     "django_celery_results",
     "registry",
@@ -138,10 +140,29 @@ STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
 
 REST_FRAMEWORK = {
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticatedOrReadOnly"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "registry.api.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["registry.api.permissions.RolePermission"],
+    "DEFAULT_PAGINATION_CLASS": "registry.api.pagination.Pagination",
     "PAGE_SIZE": 50,
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "registry.api.errors.exception_handler",
+    # `?format=` belongs to the export endpoint, not to renderer selection.
+    "URL_FORMAT_OVERRIDE": None,
 }
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Fulcrum API",
+    "DESCRIPTION": "Prompts, versions, labels, artifacts, fine-tunes, scaling configs, stacks, datasets, evaluations.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SCHEMA_PATH_PREFIX": "/api/",
+}
+# Largest dataset file the API accepts, in bytes.
+FULCRUM_MAX_UPLOAD_BYTES = env_int("FULCRUM_MAX_UPLOAD_BYTES", 20 * 1024 * 1024, minimum=1)
 
 # --- Celery ---------------------------------------------------------------------------------------------------
 # Default broker: kombu's file-system transport, which needs no server yet still delivers tasks to a separate
@@ -172,6 +193,12 @@ CELERY_TASK_DEFAULT_QUEUE = env_str("FULCRUM_QUEUE", "fulcrum")
 CELERY_TASK_ALWAYS_EAGER = False
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_WORKER_CONCURRENCY = env_int("FULCRUM_WORKER_CONCURRENCY", 1, minimum=1)
+# "device": a run's tasks go to <FULCRUM_QUEUE>.gpu or .cpu by its artifact (workers/routing.py); "off": all to
+# FULCRUM_QUEUE. FULCRUM_DEFAULT_DEVICE is the class of float32, unquantised artifacts.
+FULCRUM_QUEUE_ROUTING = env_choice("FULCRUM_QUEUE_ROUTING", "off", {"off", "device"})
+FULCRUM_DEFAULT_DEVICE = env_choice("FULCRUM_DEFAULT_DEVICE", "cpu", {"cpu", "gpu"})
+FULCRUM_WORKER_QUEUES = [q.strip() for q in env_str("FULCRUM_WORKER_QUEUES", "").split(",") if q.strip()]
+CELERY_TASK_ROUTES = ("workers.routing.route_task",)
 
 # --- Inference -------------------------------------------------------------------------------------------------
 # "auto" takes CUDA when it really loads, else the CPU; "cpu"/"cuda" force one (cuda fails loudly if absent).
@@ -180,12 +207,14 @@ FULCRUM_INTRA_OP_THREADS = env_int("FULCRUM_INTRA_OP_THREADS", 0)  # 0 = all cor
 FULCRUM_CHUNK_SIZE = env_int("FULCRUM_CHUNK_SIZE", 16, minimum=1)
 
 # --- Metrics ---------------------------------------------------------------------------------------------------
-# Web, worker children and beat each write their samples here; prometheus-client reads this variable when it is
-# first imported, so it is put into the environment before anything imports it.
+# The root of the multiprocess files of this machine: the web group writes here, each worker and beat in a directory
+# of its own below it (fulcrum/multiproc.py). prometheus-client reads this variable when it is first imported, so it
+# is put into the environment before anything imports it.
 PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR", str(DATA_DIR / "metrics"))
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = PROMETHEUS_MULTIPROC_DIR
 Path(PROMETHEUS_MULTIPROC_DIR).mkdir(parents=True, exist_ok=True)
 FULCRUM_WORKER_METRICS_PORT = env_int("FULCRUM_WORKER_METRICS_PORT", 0)  # 0 = no HTTP endpoint on the worker
+FULCRUM_BEAT_METRICS_PORT = env_int("FULCRUM_BEAT_METRICS_PORT", 0)  # 0 = no HTTP endpoint on beat
 
 LOGGING = {
     "version": 1,

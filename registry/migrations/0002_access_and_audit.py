@@ -6,6 +6,18 @@ from django.conf import settings
 from django.db import migrations, models
 
 
+def protect_production(apps, schema_editor):
+    """Moving any prompt's production label needs the deployer role, until an admin changes the policy."""
+    LabelPolicy = apps.get_model("registry", "LabelPolicy")
+    LabelPolicy.objects.get_or_create(prompt=None, label="production", defaults={"required_role": "deployer"})
+
+
+def start_version_counters(apps, schema_editor):
+    Prompt = apps.get_model("registry", "Prompt")
+    for prompt in Prompt.objects.annotate(last=models.Max("versions__number")):
+        Prompt.objects.filter(pk=prompt.pk).update(version_counter=prompt.last or 0)
+
+
 class Migration(migrations.Migration):
 
     dependencies = [
@@ -106,4 +118,6 @@ class Migration(migrations.Migration):
                 'constraints': [models.UniqueConstraint(fields=('prompt', 'label'), name='labelpolicy_unique_prompt_label'), models.UniqueConstraint(condition=models.Q(('prompt__isnull', True)), fields=('label',), name='labelpolicy_unique_global_label')],
             },
         ),
+        migrations.RunPython(protect_production, migrations.RunPython.noop),
+        migrations.RunPython(start_version_counters, migrations.RunPython.noop),
     ]

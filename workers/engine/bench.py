@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psutil
 
 from workers import convert
@@ -137,10 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="fulcrum-bench-"))
     gguf = convert.find_smollm2_gguf()
     print(f"model: {gguf.name}; converting once for this run (cached artifacts are not reused, to compare one build)")
-    hf_dir, onnx_dir = work / "hf", work / "onnx"
+    hf_dir, onnx_dir, plain_dir = work / "hf", work / "onnx", work / "optimum"
     convert.gguf_to_hf(gguf, hf_dir, progress=lambda m: print("  " + m))
     built = convert.convert(hf_dir, onnx_dir, progress=lambda m: print("  " + m))
-    print(f"  ONNX artifact {built.sha256[:12]}, {built.size_bytes / 1e6:.0f} MB")
+    print(f"  Fulcrum artifact {built.sha256[:12]}, {built.size_bytes / 1e6:.0f} MB")
+    if not args.skip_optimum:
+        # Optimum runs its own export as it comes, without Fulcrum's graph rewrites.
+        convert.export_onnx(hf_dir, plain_dir, progress=lambda m: print("  " + m))
 
     engine = Engine(onnx_dir, provider=args.provider, threads=args.threads)
     device = "cuda" if engine.provider == "cuda" else "cpu"
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         from optimum.onnxruntime import ORTModelForCausalLM
 
         ort_model = ORTModelForCausalLM.from_pretrained(
-            onnx_dir, provider="CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider",
+            plain_dir, provider="CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider",
             use_io_binding=device == "cuda",
         )
     convs = benchmark_conversations(16)

@@ -44,6 +44,12 @@ def choose_tokens(
     scaled = logits.astype(np.float32) / np.float32(temperature)
     vocab = scaled.shape[1]
     k = top_k if 0 < top_k < vocab else 0
+    if not k and top_p >= 1.0:
+        # Plain temperature sampling: draw from the whole softmax; no ordering of the vocabulary is needed.
+        weights = np.exp(scaled - scaled.max(axis=1, keepdims=True), dtype=np.float32)
+        cdf = np.cumsum(weights, axis=1, dtype=np.float64)
+        picks = (cdf < (uniforms * cdf[:, -1])[:, None]).sum(axis=1)
+        return np.minimum(picks, vocab - 1).astype(np.int64)
     # Only the most likely tokens can be drawn under top-k or top-p, so look at a few hundred candidates instead
     # of sorting the whole vocabulary at every step.
     width = k or (min(vocab, _TOP_P_CANDIDATES) if top_p < 1.0 else vocab)
