@@ -19,5 +19,32 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   for _ in $(seq 30); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 1; done
 fi
 
+# The deploy tests (tests/deploy) run promtool and the Prometheus server, and validate the compose file with
+# `docker compose config` or, where that plugin is missing, Debian's docker-compose. Install what is missing.
+missing=()
+command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
+docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || missing+=(docker-compose)
+if ((${#missing[@]})); then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "installing Debian package(s) for the deploy tests: ${missing[*]}"
+    # Keep the packages' init scripts from starting a Prometheus daemon during the install.
+    added_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && added_policy=1
+    fi
+    apt_install() {
+      DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+    }
+    apt_install || { apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null && apt_install; } || status=$?
+    [ -n "$added_policy" ] && rm -f /usr/sbin/policy-rc.d
+    if [ "${status:-0}" != 0 ]; then
+      echo "could not install ${missing[*]}; the deploy tests that need them will fail" >&2
+    fi
+  else
+    echo "missing ${missing[*]} (Debian packages) and cannot install them here; the deploy tests need them" >&2
+  fi
+fi
+
 pg_isready -h 127.0.0.1 -p 5432
 redis-cli -h 127.0.0.1 -p 6379 ping

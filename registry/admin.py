@@ -15,27 +15,33 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count, Model, QuerySet
 from django.forms.models import BaseInlineFormSet
-from django.http import HttpRequest
-from django.urls import reverse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
-from . import prompting
+from . import access, diffing, promotion, prompting, reports
 from .datasets import DatasetImportError, ItemRecord, check_target, find_conflict, parse_dataset, store_dataset
 from .models import (
+    ApiToken,
+    AuditEntry,
     Dataset,
     DatasetItem,
     EvaluationRun,
     FineTune,
     ItemResult,
+    LabelConflict,
     LabelMove,
+    LabelPolicy,
     ModelArtifact,
     Prompt,
     PromptLabel,
     PromptVersion,
     ScalingConfig,
     Stack,
+    Tag,
 )
 
 # Inlines show at most this many rows; the full list is one click away in the child's changelist.
@@ -84,6 +90,26 @@ def human_size(size: int) -> str:
     raise AssertionError("unreachable")
 
 
+class AuditedModelAdmin(admin.ModelAdmin):
+    """Bulk deletions are logged by the admin with bulk_create, which sends no signal: record them here.
+
+    Single additions, changes and deletions reach the audit log through registry/signals.py.
+    """
+
+    def log_deletions(self, request: HttpRequest, queryset: Any) -> Any:
+        objects = list(queryset)
+        entries = super().log_deletions(request, queryset)
+        if len(objects) > 1:
+            actor = access.Actor(user=request.user, via="admin")
+            for obj in objects:
+                access.record(actor, f"{obj._meta.model_name}.delete", obj)
+        return entries
+
+
+def _actor(request: HttpRequest) -> access.Actor:
+    return access.Actor(user=request.user, via="admin")
+
+
 class FirstRowsFormSet(BaseInlineFormSet):
     """An inline formset over the first INLINE_ROW_LIMIT rows only, so big datasets and runs stay viewable."""
 
@@ -109,7 +135,7 @@ class ReadOnlyTabularInline(admin.TabularInline):
         return False
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyAdmin(AuditedModelAdmin):
     """Viewable, never added, edited or deleted one by one; rows go when their parent is deleted."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -146,39 +172,123 @@ class DeletesReadOnlyChildren:
 # --- Prompt layer -------------------------------------------------------------------------------------------
 
 
+def _diff_url(prompt: Prompt, a: int, b: int) -> str:
+    url = reverse("admin:registry_prompt_diff", args=[prompt.pk])
+    return f"{url}?{urlencode({'a': a, 'b': b})}"
+
+
 class PromptVersionInline(ReadOnlyTabularInline):
     model = PromptVersion
     fk_name = "prompt"
-    fields = ("number", "commit_message", "short_hash", "parent", "created_by", "created_at")
+    fields = ("number", "commit_message", "short_hash", "labels_here", "diff", "parent", "created_by", "created_at")
     readonly_fields = fields
     ordering = ("-number",)
+    verbose_name_plural = "version history"
 
     @admin.display(description="content hash")
     def short_hash(self, obj: PromptVersion) -> str:
         return obj.content_hash[:12]
 
+    @admin.display(description="labels")
+    def labels_here(self, obj: PromptVersion) -> str:
+        return ", ".join(sorted(label.name for label in obj.labels.all())) or "-"
+
+    @admin.display(description="diff")
+    def diff(self, obj: PromptVersion) -> str:
+        base = obj.parent if obj.parent_id and obj.parent else None
+        if base is None:
+            base = obj.prompt.versions.filter(number__lt=obj.number).order_by("-number").first()
+        if base is None:
+            return "-"
+        return format_html('<a href="{}">v{} → v{}</a>', _diff_url(obj.prompt, base.number, obj.number), base.number, obj.number)
+
     def get_queryset(self, request: HttpRequest) -> QuerySet[PromptVersion]:
-        return super().get_queryset(request).select_related("prompt", "parent__prompt", "created_by")
+        return (
+            super()
+            .get_queryset(request)
+            .select_related("prompt", "parent__prompt", "created_by")
+            .prefetch_related("labels")
+        )
 
 
 class PromptLabelInline(ReadOnlyTabularInline):
     model = PromptLabel
-    fields = ("name", "version", "moved_at")
+    fields = ("name", "version", "moved_at", "history")
     readonly_fields = fields
+
+    @admin.display(description="history")
+    def history(self, obj: PromptLabel) -> str:
+        url = reverse("admin:registry_promptlabel_history", args=[obj.pk])
+        return format_html('<a href="{}">history and rollback</a>', url)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[PromptLabel]:
         return super().get_queryset(request).select_related("prompt", "version__prompt")
 
 
 @admin.register(Prompt)
-class PromptAdmin(DeletesReadOnlyChildren, admin.ModelAdmin):
+class PromptAdmin(DeletesReadOnlyChildren, AuditedModelAdmin):
     read_only_children = (LabelMove,)
     list_display = ("name", "description_short", "version_count", "label_summary", "created_at")
     list_filter = (("labels__name", LabelNameFilter), "created_at")
     search_fields = ("name", "description")
-    readonly_fields = ("created_at", "new_version")
-    fields = ("name", "description", "created_at", "new_version")
+    readonly_fields = ("created_at", "new_version", "compare")
+    fields = ("name", "description", "tags", "created_at", "new_version", "compare")
+    filter_horizontal = ("tags",)
     inlines = (PromptLabelInline, PromptVersionInline)
+
+    def get_urls(self) -> list[URLPattern]:
+        return [
+            path("<path:object_id>/diff/", self.admin_site.admin_view(self.diff_view), name="registry_prompt_diff"),
+            *super().get_urls(),
+        ]
+
+    def diff_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """Side-by-side diff of two versions (?a=&b=, default: the two newest)."""
+        prompt = self.get_object(request, object_id)
+        if prompt is None or not self.has_view_permission(request, prompt):
+            raise PermissionDenied
+        versions = list(prompt.versions.order_by("-number"))
+        if not versions:
+            raise PermissionDenied("this prompt has no versions yet")
+        by_number = {v.number: v for v in versions}
+
+        def pick(name: str, default: PromptVersion) -> PromptVersion:
+            raw = request.GET.get(name, "")
+            return by_number.get(int(raw), default) if raw.isdigit() and len(raw) < 10 else default
+
+        b = pick("b", versions[0])
+        a = pick("a", versions[1] if len(versions) > 1 else versions[0])
+        diff = diffing.diff_versions(a, b)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"{prompt.name}: v{a.number} → v{b.number}",
+            "opts": self.opts,
+            "original": prompt,
+            "prompt": prompt,
+            "versions": versions,
+            "a": a,
+            "b": b,
+            "diff": diff,
+            "template_rows": diffing.side_by_side(a.template, b.template),
+            "system_rows": diffing.side_by_side(a.system_message, b.system_message),
+            "a_examples": json.dumps(a.examples, indent=2, ensure_ascii=False, sort_keys=True),
+            "b_examples": json.dumps(b.examples, indent=2, ensure_ascii=False, sort_keys=True),
+            "examples_rows": diffing.side_by_side(
+                json.dumps(a.examples, indent=2, ensure_ascii=False, sort_keys=True),
+                json.dumps(b.examples, indent=2, ensure_ascii=False, sort_keys=True),
+            ),
+            "params_rows": diffing.side_by_side(
+                json.dumps(a.params, indent=2, ensure_ascii=False, sort_keys=True),
+                json.dumps(b.params, indent=2, ensure_ascii=False, sort_keys=True),
+            ),
+        }
+        return TemplateResponse(request, "admin/registry/prompt/diff.html", context)
+
+    @admin.display(description="compare versions")
+    def compare(self, obj: Prompt) -> str:
+        if obj.pk is None or obj.versions.count() < 1:
+            return "-"
+        return format_html('<a href="{}">side-by-side diff</a>', reverse("admin:registry_prompt_diff", args=[obj.pk]))
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Prompt]:
         return (
@@ -281,7 +391,7 @@ class PromptVersionAddForm(forms.ModelForm):
 
 
 @admin.register(PromptVersion)
-class PromptVersionAdmin(DeletesReadOnlyChildren, admin.ModelAdmin):
+class PromptVersionAdmin(DeletesReadOnlyChildren, AuditedModelAdmin):
     """Versions are immutable: the add page stores one through Prompt.create_version, every other page only
     shows it."""
 
@@ -450,12 +560,26 @@ class PromptLabelForm(forms.ModelForm):
             raise ValidationError("use lower-case letters, digits, '-' or '_' (at most 50, starting alphanumeric)")
         return name
 
+    request_user: Any = None  # set by PromptLabelAdmin.get_form
+
     def clean(self) -> dict[str, Any]:
         cleaned: dict[str, Any] = super().clean() or {}
         prompt = cleaned.get("prompt") or (self.instance.prompt if self.instance.prompt_id else None)
         version = cleaned.get("version")
         if prompt is not None and version is not None and version.prompt_id != prompt.pk:
             self.add_error("version", f"{version} is not a version of prompt {prompt}")
+        name = cleaned.get("name") or self.instance.name
+        if self.errors or prompt is None or version is None or not name or self.request_user is None:
+            return cleaned
+        # The same checks promotion.move_label makes, shown as form errors instead of a 403 page.
+        try:
+            access.require_role(self.request_user, promotion.required_role(prompt, name), action=f"move {name!r}")
+        except access.AccessDenied as exc:
+            raise ValidationError(str(exc)) from None
+        current = PromptLabel.objects.filter(prompt=prompt, name=name).select_related("version").first()
+        gate = promotion.check_gate(promotion.policy_for(prompt, name), version, current.version if current else None)
+        if not gate.passed:
+            self.add_error("version", f"promotion gate: {gate.message}")
         return cleaned
 
 
@@ -470,7 +594,7 @@ class LabelMoveInline(ReadOnlyTabularInline):
 
 
 @admin.register(PromptLabel)
-class PromptLabelAdmin(DeletesReadOnlyChildren, admin.ModelAdmin):
+class PromptLabelAdmin(DeletesReadOnlyChildren, AuditedModelAdmin):
     """Adding or editing a label moves it through Prompt.move_label, which records the move."""
 
     read_only_children = (LabelMove,)
@@ -482,20 +606,84 @@ class PromptLabelAdmin(DeletesReadOnlyChildren, admin.ModelAdmin):
     inlines = (LabelMoveInline,)
 
     def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
-        return ("prompt", "name", "version", "reason", "moved_at")
+        return ("prompt", "name", "version", "reason", "moved_at", "history_link")
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
-        return ("prompt", "name", "moved_at") if obj is not None else ("moved_at",)
+        return ("prompt", "name", "moved_at", "history_link") if obj is not None else ("moved_at", "history_link")
+
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        form = super().get_form(request, obj, change, **kwargs)
+        return type(form.__name__, (form,), {"request_user": request.user})
 
     def save_model(self, request: HttpRequest, obj: PromptLabel, form: Any, change: bool) -> None:
         if change and "version" not in form.changed_data:
             return
-        move = obj.prompt.move_label(
-            obj.name, obj.version, user=request.user, reason=form.cleaned_data.get("reason", "")
-        )
+        try:
+            move = promotion.move_label(
+                obj.prompt, obj.name, obj.version, actor=_actor(request), reason=form.cleaned_data.get("reason", "")
+            )
+        except (promotion.GateFailed, LabelConflict) as exc:  # only when something changed since the form checked
+            raise PermissionDenied(str(exc)) from None
         obj.pk = move.label.pk
         obj.moved_at = move.label.moved_at
         obj._state.adding = False
+
+    def get_urls(self) -> list[URLPattern]:
+        return [
+            path(
+                "<path:object_id>/history/",
+                self.admin_site.admin_view(self.history_view),
+                name="registry_promptlabel_history",
+            ),
+            *super().get_urls(),
+        ]
+
+    def history_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """Every move of the label; POST {to_version} rolls back to a version it held (one click per row)."""
+        label = self.get_object(request, object_id)
+        if label is None or not self.has_view_permission(request, label):
+            raise PermissionDenied
+        here = reverse("admin:registry_promptlabel_history", args=[label.pk])
+        if request.method == "POST":
+            number = request.POST.get("to_version", "")
+            target = label.prompt.versions.filter(number=int(number)).first() if number.isdigit() else None
+            try:
+                if target is None:
+                    raise ValidationError(f"no version {number!r} of {label.prompt}")
+                move = promotion.rollback_label(
+                    label.prompt,
+                    label.name,
+                    actor=_actor(request),
+                    to_version=target,
+                    reason=request.POST.get("reason", "")[:2000],
+                    expected=label.version,
+                )
+                self.message_user(request, f"Rolled {label.prompt}:{label.name} back to v{move.to_version.number}.")
+            except (access.AccessDenied, ValidationError, LabelConflict, promotion.GateFailed) as exc:
+                text = "; ".join(exc.messages) if isinstance(exc, ValidationError) else str(exc)
+                self.message_user(request, f"Rollback refused: {text}", messages.ERROR)
+            return HttpResponseRedirect(here)
+        moves = list(label.moves.select_related("from_version", "to_version", "moved_by").order_by("-moved_at", "-id"))
+        role = promotion.required_role(label.prompt, label.name)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"History of {label.prompt.name}:{label.name}",
+            "opts": self.opts,
+            "original": label,
+            "label": label,
+            "moves": moves,
+            "held": {m.to_version_id for m in moves},
+            "required_role": role,
+            "may_move": access.has_role(request.user, role),
+        }
+        return TemplateResponse(request, "admin/registry/promptlabel/history.html", context)
+
+    @admin.display(description="history")
+    def history_link(self, obj: PromptLabel) -> str:
+        if obj.pk is None:
+            return "-"
+        url = reverse("admin:registry_promptlabel_history", args=[obj.pk])
+        return format_html('<a href="{}">every move, with one-click rollback</a>', url)
 
 
 @admin.register(LabelMove)
@@ -523,7 +711,7 @@ class LabelMoveAdmin(ReadOnlyAdmin):
 
 
 @admin.register(ModelArtifact)
-class ModelArtifactAdmin(admin.ModelAdmin):
+class ModelArtifactAdmin(AuditedModelAdmin):
     """Artifacts are registered by the import code, which computes their checksums; here they are inspected
     and given a display name, a price and notes."""
 
@@ -601,7 +789,7 @@ class ModelArtifactAdmin(admin.ModelAdmin):
 
 
 @admin.register(FineTune)
-class FineTuneAdmin(admin.ModelAdmin):
+class FineTuneAdmin(AuditedModelAdmin):
     list_display = ("name", "base_artifact", "result_artifact", "method", "dataset_hash", "created_at")
     list_filter = ("method", "created_at")
     search_fields = ("name", "training_dataset_hash", "base_artifact__name", "result_artifact__name")
@@ -615,7 +803,7 @@ class FineTuneAdmin(admin.ModelAdmin):
 
 
 @admin.register(ScalingConfig)
-class ScalingConfigAdmin(admin.ModelAdmin):
+class ScalingConfigAdmin(AuditedModelAdmin):
     list_display = ("name", "n_samples", "temperature", "top_p", "top_k", "aggregation", "seed")
     list_filter = ("aggregation", "n_samples")
     search_fields = ("name",)
@@ -625,15 +813,17 @@ class ScalingConfigAdmin(admin.ModelAdmin):
 
 
 @admin.register(Stack)
-class StackAdmin(admin.ModelAdmin):
+class StackAdmin(AuditedModelAdmin):
     list_display = ("name", "prompt_display", "scaling", "fine_tune", "artifact", "created_at")
     list_filter = ("scaling", "artifact", "fine_tune")
     search_fields = ("name", "description", "prompt__name", "prompt_version__prompt__name", "prompt_label")
     list_select_related = ("prompt_version__prompt", "prompt", "scaling", "fine_tune", "artifact")
     autocomplete_fields = ("prompt_version", "prompt", "scaling", "fine_tune", "artifact")
-    readonly_fields = ("resolved_prompt", "created_at")
+    readonly_fields = ("resolved_prompt", "created_at", "layers")
+    filter_horizontal = ("tags",)
     fieldsets = (
-        (None, {"fields": ("name", "description", "created_at")}),
+        ("The four layers", {"fields": ("layers",)}),
+        (None, {"fields": ("name", "description", "tags", "created_at")}),
         (
             "Prompt",
             {
@@ -647,6 +837,43 @@ class StackAdmin(admin.ModelAdmin):
     @admin.display(description="prompt")
     def prompt_display(self, obj: Stack) -> str:
         return obj.describe_prompt()
+
+    @admin.display(description="layers")
+    def layers(self, obj: Stack) -> SafeString:
+        """Prompt, inference scaling, fine-tune and architecture, cheapest lever first."""
+        if obj.pk is None:
+            return format_html("{}", "Saved stacks show their four layers here.")
+        try:
+            resolved = obj.resolve_prompt_version()
+            prompt_now = format_html("{} now", _link(resolved))
+        except PromptLabel.DoesNotExist as exc:
+            resolved, prompt_now = None, format_html("{}", str(exc))
+        scaling = obj.scaling
+        fine_tune = obj.fine_tune
+        artifact = obj.effective_artifact()
+        cards = [
+            ("prompt", _link(obj.prompt_version) if obj.prompt_version_id else f"follows {obj.describe_prompt()}",
+             prompt_now if resolved is None or not obj.prompt_version_id else format_html(
+                 "{} variables, {} examples", len(resolved.variables), len(resolved.examples))),
+            ("inference scaling", _link(scaling, scaling.name),
+             f"N={scaling.n_samples}, T={scaling.temperature:g}, top-p {scaling.top_p:g}, {scaling.aggregation}"),
+            ("fine-tune", _link(fine_tune, fine_tune.name) if fine_tune else "none",
+             f"{fine_tune.method} on {fine_tune.base_artifact.name}" if fine_tune else "base weights"),
+            ("architecture", _link(artifact, artifact.name),
+             f"{artifact.dtype}{'/' + artifact.quantisation if artifact.quantisation else ''}, "
+             f"{human_size(artifact.size_bytes)}, {artifact.parameter_count:,} parameters"),
+        ]
+        return format_html(
+            '<div class="fulcrum-layers" style="display:flex;gap:12px;flex-wrap:wrap">{}</div>',
+            format_html_join(
+                "",
+                '<div class="fulcrum-layer" style="border:1px solid var(--hairline-color,#ccc);border-radius:6px;'
+                'padding:8px 12px;min-width:180px"><div style="font-size:11px;text-transform:uppercase;'
+                'color:var(--body-quiet-color,#666)">{}</div><div style="font-weight:bold;margin:4px 0">{}</div>'
+                "<div>{}</div></div>",
+                cards,
+            ),
+        )
 
     @admin.display(description="prompt version now")
     def resolved_prompt(self, obj: Stack) -> str:
@@ -697,7 +924,7 @@ class DatasetUploadForm(forms.ModelForm):
 
 
 @admin.register(Dataset)
-class DatasetAdmin(DeletesReadOnlyChildren, admin.ModelAdmin):
+class DatasetAdmin(DeletesReadOnlyChildren, AuditedModelAdmin):
     """Datasets are added by uploading a file; once stored, only the description changes."""
 
     read_only_children = (DatasetItem, ItemResult)
@@ -817,7 +1044,7 @@ class ItemResultInline(ReadOnlyTabularInline):
 
 
 @admin.register(EvaluationRun)
-class EvaluationRunAdmin(DeletesReadOnlyChildren, admin.ModelAdmin):
+class EvaluationRunAdmin(DeletesReadOnlyChildren, AuditedModelAdmin):
     """Runs are started from stacks and filled in by workers; here they are watched and inspected."""
 
     read_only_children = (ItemResult,)
@@ -853,7 +1080,7 @@ class EvaluationRunAdmin(DeletesReadOnlyChildren, admin.ModelAdmin):
                 )
             },
         ),
-        ("Outcome", {"fields": ("summary_json", "error_text", "all_results")}),
+        ("Outcome", {"fields": ("metrics_table", "compare_with", "summary_json", "error_text", "all_results")}),
     )
     readonly_fields = (
         "stack",
@@ -867,10 +1094,75 @@ class EvaluationRunAdmin(DeletesReadOnlyChildren, admin.ModelAdmin):
         "started_at",
         "finished_at",
         "duration",
+        "metrics_table",
+        "compare_with",
         "summary_json",
         "error_text",
         "all_results",
     )
+    # Reloads every few seconds while the run is pending or running.
+    change_form_template = "admin/registry/evaluationrun/change_form.html"
+    actions = ("compare_selected",)
+
+    def get_urls(self) -> list[URLPattern]:
+        return [
+            path("compare/", self.admin_site.admin_view(self.compare_view), name="registry_evaluationrun_compare"),
+            *super().get_urls(),
+        ]
+
+    @admin.action(description="Compare the two selected runs")
+    def compare_selected(self, request: HttpRequest, queryset: QuerySet[EvaluationRun]) -> HttpResponse | None:
+        runs = list(queryset.order_by("created_at", "id")[:3])
+        if len(runs) != 2:
+            self.message_user(request, "Select exactly two runs to compare.", messages.WARNING)
+            return None
+        url = reverse("admin:registry_evaluationrun_compare")
+        return HttpResponseRedirect(f"{url}?{urlencode({'a': runs[0].pk, 'b': runs[1].pk})}")
+
+    def compare_view(self, request: HttpRequest) -> HttpResponse:
+        """Two runs on one dataset: metric deltas, a chart, and the items on which they disagree."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        ids = [request.GET.get(k, "") for k in ("a", "b")]
+        runs = {
+            r.pk: r
+            for r in EvaluationRun.objects.select_related("stack", "dataset", "prompt_version__prompt").filter(
+                pk__in=[int(i) for i in ids if i.isdigit() and len(i) < 18]
+            )
+        }
+        context: dict[str, Any] = {**self.admin_site.each_context(request), "opts": self.opts, "title": "Compare runs"}
+        if len(ids) == 2 and all(i.isdigit() and int(i) in runs for i in ids):
+            a, b = runs[int(ids[0])], runs[int(ids[1])]
+            context.update(a=a, b=b, title=f"Run {a.pk} vs run {b.pk} on {a.dataset.name}")
+            try:
+                comparison = reports.compare_runs(a, b)
+            except ValidationError as exc:
+                context["error"] = "; ".join(exc.messages)
+            else:
+                context.update(comparison=comparison, chart=_comparison_chart(comparison["metrics"]))
+            context["others"] = EvaluationRun.objects.filter(dataset_id=a.dataset_id).select_related("stack")[:50]
+        else:
+            context["others"] = EvaluationRun.objects.select_related("stack", "dataset")[:50]
+            if any(ids):
+                context["error"] = "pick two existing runs"
+        return TemplateResponse(request, "admin/registry/evaluationrun/compare.html", context)
+
+    @admin.display(description="metrics")
+    def metrics_table(self, obj: EvaluationRun) -> SafeString:
+        rows = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in sorted(obj.summary.items()) if not isinstance(v, dict | list)]
+        if not rows:
+            return format_html("{}", "-")
+        return format_html(
+            '<table class="fulcrum-metrics"><tbody>{}</tbody></table>',
+            format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", rows),
+        )
+
+    @admin.display(description="compare with")
+    def compare_with(self, obj: EvaluationRun) -> str:
+        others = EvaluationRun.objects.filter(dataset_id=obj.dataset_id).exclude(pk=obj.pk).select_related("stack")[:10]
+        url = reverse("admin:registry_evaluationrun_compare")
+        links = ((f"{url}?{urlencode({'a': other.pk, 'b': obj.pk})}", f"run {other.pk} ({other.stack})") for other in others)
+        return format_html_join(", ", '<a href="{}">{}</a>', links) or "-"
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -909,6 +1201,53 @@ class EvaluationRunAdmin(DeletesReadOnlyChildren, admin.ModelAdmin):
     @admin.display(description="results")
     def all_results(self, obj: EvaluationRun) -> str:
         return _changelist_link(ItemResult, "all item results", run__id__exact=obj.pk)
+
+
+def _comparison_chart(metrics: list[dict[str, Any]]) -> SafeString:
+    """An inline SVG bar chart of the rates (metrics between 0 and 1) of two runs side by side."""
+    rates = [m for m in metrics if all(isinstance(m[k], int | float) and 0 <= m[k] <= 1 for k in ("a", "b"))]
+    if not rates:
+        return format_html("{}", "")
+    bar, gap, height, label_width = 14, 14, 160, 170
+    width = label_width + 320
+    rows = []
+    for index, metric in enumerate(rates):
+        y = index * (2 * bar + gap)
+        rows.append(
+            format_html(
+                '<text x="0" y="{}" font-size="12" fill="currentColor">{}</text>'
+                '<rect class="bar-a" x="{}" y="{}" width="{}" height="{}" fill="#79aec8"></rect>'
+                '<text x="{}" y="{}" font-size="11" fill="currentColor">{}</text>'
+                '<rect class="bar-b" x="{}" y="{}" width="{}" height="{}" fill="#417690"></rect>'
+                '<text x="{}" y="{}" font-size="11" fill="currentColor">{}</text>',
+                y + bar + 4,
+                metric["metric"],
+                label_width,
+                y,
+                round(300 * metric["a"], 1),
+                bar,
+                label_width + round(300 * metric["a"], 1) + 4,
+                y + bar - 3,
+                f"a {metric['a']:.3f}",
+                label_width,
+                y + bar,
+                round(300 * metric["b"], 1),
+                bar,
+                label_width + round(300 * metric["b"], 1) + 4,
+                y + 2 * bar - 3,
+                f"b {metric['b']:.3f}",
+            )
+        )
+    total = len(rates) * (2 * bar + gap)
+    return format_html(
+        '<svg class="fulcrum-chart" role="img" aria-label="metrics of run a and run b" width="{}" height="{}" '
+        'viewBox="0 0 {} {}">{}</svg>',
+        width + 60,
+        max(total, height // 4),
+        width + 60,
+        max(total, height // 4),
+        format_html_join("", "{}", ((row,) for row in rows)),
+    )
 
 
 @admin.register(ItemResult)
@@ -957,3 +1296,118 @@ class ItemResultAdmin(ReadOnlyAdmin):
     @admin.display(description="samples")
     def samples_json(self, obj: ItemResult) -> SafeString:
         return _pretty_json(obj.samples)
+
+
+# --- Access: tokens, policies, audit log, tags -----------------------------------------------------------------
+
+
+class ApiTokenAddForm(forms.ModelForm):
+    class Meta:
+        model = ApiToken
+        fields = ("user", "name", "scope", "expires_at")
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(AuditedModelAdmin):
+    """Tokens are created here or through the API; the secret is shown once, in the message after saving."""
+
+    list_display = ("name", "prefix", "user", "scope", "active", "created_at", "expires_at", "last_used_at", "revoked_at")
+    list_filter = ("scope", "revoked_at")
+    search_fields = ("name", "prefix", "user__username")
+    list_select_related = ("user",)
+    actions = ("revoke",)
+    readonly_fields = ("user", "name", "prefix", "scope", "created_at", "expires_at", "last_used_at", "revoked_at")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ApiToken]:
+        tokens = super().get_queryset(request)
+        return tokens if access.has_role(request.user, "admin") else tokens.filter(user=request.user)
+
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        if obj is None:
+            kwargs["form"] = ApiTokenAddForm
+        return super().get_form(request, obj, change, **kwargs)
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        if obj is None:
+            return ("user", "name", "scope", "expires_at") if access.has_role(request.user, "admin") else (
+                "name",
+                "scope",
+                "expires_at",
+            )
+        return self.readonly_fields
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return () if obj is None else self.readonly_fields
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: ApiToken, form: Any, change: bool) -> None:
+        user = obj.user if obj.user_id and access.has_role(request.user, "admin") else request.user
+        if obj.scope == ApiToken.Scope.WRITE and not access.has_role(user, "editor"):
+            raise PermissionDenied(f"{user} has no editor role: a write token would be useless")
+        token, raw = access.create_token(user, obj.name, obj.scope, expires_at=obj.expires_at)
+        for field in ApiToken._meta.concrete_fields:
+            setattr(obj, field.attname, getattr(token, field.attname))
+        obj._state.adding = False
+        obj._state.db = token._state.db
+        self.message_user(
+            request, f"Token {token.name}: {raw} — copy it now, it is not shown again.", messages.WARNING
+        )
+
+    @admin.display(boolean=True, description="active")
+    def active(self, obj: ApiToken) -> bool:
+        return obj.is_active
+
+    @admin.action(description="Revoke the selected tokens")
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
+        revoked = 0
+        for token in queryset:
+            if access.revoke_token(token):
+                access.record(_actor(request), "token.revoke", token, owner=token.user.get_username())
+                revoked += 1
+        self.message_user(request, f"Revoked {revoked} token(s).")
+
+
+@admin.register(LabelPolicy)
+class LabelPolicyAdmin(AuditedModelAdmin):
+    list_display = ("label", "prompt", "required_role", "gate_dataset", "gate_metric", "higher_is_better", "tolerance")
+    list_filter = ("label", "required_role")
+    search_fields = ("label", "prompt__name", "gate_dataset")
+    autocomplete_fields = ("prompt",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return access.has_role(request.user, "admin")
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return access.has_role(request.user, "admin")
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return access.has_role(request.user, "admin")
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(ReadOnlyAdmin):
+    """Every write through the API and the admin, newest first."""
+
+    list_display = ("at", "username", "via", "action", "object_type", "object_link", "token")
+    list_filter = ("via", "action", "object_type", "at")
+    search_fields = ("username", "action", "object_repr", "object_id")
+    list_select_related = ("token",)
+    date_hierarchy = "at"
+    fields = ("at", "username", "user", "via", "token", "action", "object_type", "object_id", "object_repr", "details_json")
+    readonly_fields = fields
+
+    @admin.display(description="object")
+    def object_link(self, obj: AuditEntry) -> str:
+        return obj.object_repr or obj.object_id or "-"
+
+    @admin.display(description="details")
+    def details_json(self, obj: AuditEntry) -> SafeString:
+        return _pretty_json(obj.details)
+
+
+@admin.register(Tag)
+class TagAdmin(AuditedModelAdmin):
+    list_display = ("name",)
+    search_fields = ("name",)

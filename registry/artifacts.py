@@ -65,9 +65,7 @@ def _default_name(source: Path) -> str:
     return source.stem if source.is_file() else source.name
 
 
-def make_variant(
-    parent: ModelArtifact, kind: str, *, progress: convert.Progress = print
-) -> tuple[ModelArtifact, bool]:
+def make_variant(parent: ModelArtifact, kind: str, *, progress: convert.Progress = print) -> tuple[ModelArtifact, bool]:
     """Register the int8 or fp16 variant of `parent` as its own artifact, with `parent` as its lineage.
 
     Cached like an import: the same parent and kind give the already registered variant.

@@ -477,14 +477,16 @@ def group_query_attention(model_path: Path, num_heads: int) -> int:
                 step = producer[name]
                 if step.op_type == "Reshape":
                     for shape in consumers.get(name, []):
-                        if shape.op_type == "Shape" and _reads_only_dims(shape, consumers, scalar, {0, 2, 3, -1, -2, -4}):
+                        if shape.op_type == "Shape" and _reads_only_dims(
+                            shape, consumers, scalar, {0, 2, 3, -1, -2, -4}
+                        ):
                             shape.input[0] = cache
                 name = step.input[0]
         layers += 1
     if not layers:
         return 0
     replacement = dict(new_nodes)
-    rebuilt = []
+    rebuilt: list[Any] = []
     for node in graph.node:
         rebuilt.extend(replacement.get(id(node), [node]) if id(node) in replaced else [node])
     # Drop what no longer feeds an output (the repeat/transpose/scale chains of the keys and values).

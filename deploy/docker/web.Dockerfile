@@ -20,7 +20,7 @@ COPY platform ./platform
 COPY registry ./registry
 COPY workers ./workers
 COPY manage.py ./
-# The base install plus gunicorn: no model conversion here (that is `pip install .[convert]`, on a tools machine).
+# The base install plus gunicorn. Model import (the `convert` extra) runs elsewhere, never in these images.
 RUN pip install -c constraints.txt ".[web]"
 
 USER fulcrum

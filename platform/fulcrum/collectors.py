@@ -150,5 +150,5 @@ RUN_RESULTS = RunResultsCollector()
 
 def web_registry(extra: Iterable[Any] = ()) -> CollectorRegistry:
     registry = CollectorRegistry()
-    registry.register(GroupCollector(extra=[RUN_RESULTS, QUEUE_DEPTHS, *extra]))
+    registry.register(GroupCollector(extra=[RUN_RESULTS, QUEUE_DEPTHS, *extra], web=True))
     return registry

@@ -124,11 +124,12 @@ WORKER_INFO = Gauge(
     multiprocess_mode="livemax",
 )
 BEAT_TASKS_SENT = Counter("fulcrum_beat_tasks_sent", "Periodic tasks beat sent to the broker.", ["task"])
+# Set by the group's main process only; forked children hold 0 for it, so the live maximum is the group's start.
 GROUP_START_TIME = Gauge(
     "fulcrum_process_group_start_time_seconds",
     "Unix time this process group (web, worker or beat) started.",
     ["role"],
-    multiprocess_mode="livemin",
+    multiprocess_mode="livemax",
 )
 
 # --- computed at scrape time by the web process (fulcrum/collectors.py) -----------------------------------------
@@ -246,17 +247,19 @@ class DeclaredMetrics:
     Prometheus (and the dashboards' checks) know every metric a target serves before the first event.
     """
 
-    def __init__(self, present: Iterable[str]) -> None:
+    def __init__(self, present: Iterable[str], *, scrape_time: bool = False) -> None:
         self.present = set(present)
+        self.scrape_time = scrape_time  # the web process also declares what it computes when scraped
 
     def collect(self) -> Iterable[Metric]:
         for metric in ALL_METRICS:
             for family in metric.describe():
                 if family.name not in self.present:
                     yield family
-        for name, documentation in SCRAPE_TIME_GAUGES.items():
-            if name not in self.present:
-                yield GaugeMetricFamily(name, documentation)
+        if self.scrape_time:
+            for name, documentation in SCRAPE_TIME_GAUGES.items():
+                if name not in self.present:
+                    yield GaugeMetricFamily(name, documentation)
 
 
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:

@@ -152,7 +152,8 @@ def claim(role: str) -> Path:
         target.mkdir()
         log.info("%s metrics in %s", role, target)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(target)
-    metrics.GROUP_START_TIME.labels(role=role).set(time.time())
+    if handle is not None:  # the group's first process, not a web worker joining its master
+        metrics.GROUP_START_TIME.labels(role=role).set(time.time())
     metrics.initialise_counters(role)
     return target
 
@@ -174,9 +175,10 @@ def prune_dead_processes(path: Path) -> None:
 class GroupCollector(Collector):
     """The merged samples of this process group's files, extra collectors, then declarations of the rest."""
 
-    def __init__(self, path: Path | None = None, extra: Iterable[Any] = ()) -> None:
+    def __init__(self, path: Path | None = None, extra: Iterable[Any] = (), *, web: bool = False) -> None:
         self.path = path
         self.extra = list(extra)
+        self.web = web
 
     def collect(self) -> Iterable[Any]:
         from .metrics import DeclaredMetrics
@@ -189,5 +191,5 @@ class GroupCollector(Collector):
                 families.extend(collector.collect())
             except Exception:  # one failing source must not take the others' metrics down
                 log.exception("metrics collector %s failed", type(collector).__name__)
-        families.extend(DeclaredMetrics(f.name for f in families).collect())
+        families.extend(DeclaredMetrics((f.name for f in families), scrape_time=self.web).collect())
         return families

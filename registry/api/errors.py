@@ -6,6 +6,7 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import IntegrityError
 from django.db.models import ProtectedError, RestrictedError
 from django.http import Http404
 from rest_framework import exceptions, status
@@ -57,6 +58,9 @@ def _translate(exc: Exception) -> Exception:
     if isinstance(exc, ProtectedError | RestrictedError):
         users = sorted({str(obj) for obj in list(getattr(exc, "protected_objects", None) or exc.restricted_objects)[:5]})
         return Conflict(f"still in use by {', '.join(users)}; remove those first", code="in_use")
+    if isinstance(exc, IntegrityError):
+        # A unique constraint that a concurrent request satisfied first.
+        return Conflict("the record conflicts with one stored meanwhile; fetch it and retry", code="conflict")
     if isinstance(exc, LabelConflict):
         return Conflict(str(exc), code="label_moved")
     if isinstance(exc, GateFailed):

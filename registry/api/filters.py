@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import django_filters as filters
@@ -33,6 +34,28 @@ class BoundedIntegerField(forms.IntegerField):
         kwargs.setdefault("min_value", 0)
         kwargs.setdefault("max_value", BIG)
         super().__init__(*args, **kwargs)
+
+
+class UTCDateTimeField(forms.DateTimeField):
+    """An ISO 8601 date-time, normalised to UTC (PostgreSQL refuses offsets beyond +-15:59)."""
+
+    def to_python(self, value: Any) -> datetime | None:
+        if value in self.empty_values:
+            return None
+        try:
+            parsed = datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise forms.ValidationError("enter an ISO 8601 date-time, e.g. 2026-01-31T12:00:00Z") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError:
+            raise forms.ValidationError("the date-time is out of range") from None
+
+
+class UTCDateTimeFilter(filters.Filter):
+    field_class = UTCDateTimeField
 
 
 class IntFilter(filters.NumberFilter):
@@ -205,8 +228,8 @@ class AuditFilter(filters.FilterSet):
     object_id = NameFilter()
     user = NameFilter(field_name="username")
     via = filters.ChoiceFilter(choices=[("api", "api"), ("admin", "admin"), ("cli", "cli")])
-    since = filters.IsoDateTimeFilter(field_name="at", lookup_expr="gte")
-    until = filters.IsoDateTimeFilter(field_name="at", lookup_expr="lt")
+    since = UTCDateTimeFilter(field_name="at", lookup_expr="gte", help_text="ISO 8601")
+    until = UTCDateTimeFilter(field_name="at", lookup_expr="lt", help_text="ISO 8601")
 
     class Meta:
         model = AuditEntry

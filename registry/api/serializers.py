@@ -9,6 +9,7 @@ from typing import Any
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import models, transaction
 from rest_framework import serializers
+from rest_framework.validators import UniqueValidator
 
 from registry.datasets import FORMATS
 from registry.models import (
@@ -406,7 +407,11 @@ class ServedPromptSerializer(serializers.Serializer):
 class ArtifactSerializer(TaggedSerializer, CleanedSerializer):
     tags = TagsField()
     metadata = SafeJSONField(kind=dict, required=False, default=dict)
-    sha256 = serializers.RegexField(r"^[0-9a-f]{64}\Z", help_text="sha256 over the ONNX files")
+    sha256 = serializers.RegexField(
+        r"^[0-9a-f]{64}\Z",
+        help_text="sha256 over the ONNX files",
+        validators=[UniqueValidator(ModelArtifact.objects.all(), message="an artifact with this sha256 exists")],
+    )
     source_sha256 = serializers.RegexField(r"^[0-9a-f]{64}\Z")
     price_per_1k_tokens = serializers.DecimalField(max_digits=12, decimal_places=6, min_value=0, required=False)
     parameter_count = serializers.IntegerField(min_value=0, max_value=2**62, required=False)
@@ -458,7 +463,11 @@ class ArtifactSerializer(TaggedSerializer, CleanedSerializer):
 
 
 class FineTuneSerializer(CleanedSerializer):
-    name = serializers.RegexField(r"^[-\w.]{1,200}\Z", max_length=200)
+    name = serializers.RegexField(
+        r"^[-\w.]{1,200}\Z",
+        max_length=200,
+        validators=[UniqueValidator(FineTune.objects.all(), message="a fine-tune with this name exists")],
+    )
     training_dataset_hash = serializers.RegexField(r"^[0-9a-f]{64}\Z")
     hyperparameters = SafeJSONField(kind=dict, required=False, default=dict)
 

@@ -68,13 +68,37 @@ class PayloadTooLarge(exceptions.APIException):
     default_code = "too_large"
 
 
+def _nul_path(value: Any, path: str = "") -> str | None:
+    """Where in a parsed body a string holds U+0000, or None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict) or hasattr(value, "lists"):
+        items = value.lists() if hasattr(value, "lists") else value.items()
+        for key, item in items:
+            name = f"{path}.{key}" if path else str(key)
+            if "\x00" in str(key):
+                return name.replace("\x00", "")
+            found = _nul_path(item, name)
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = _nul_path(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
 class Base:
-    """Shared by every view: refuses NUL characters in the query string (PostgreSQL cannot compare them)."""
+    """Shared by every view: refuses NUL characters (U+0000) in the query string and the body, which PostgreSQL
+    can neither store nor compare."""
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
-        for key, values in request.query_params.lists():
-            if "\x00" in key or any("\x00" in value for value in values):
-                raise exceptions.ValidationError({key.replace("\x00", ""): "contains a NUL character"})
+        where = _nul_path(request.query_params)
+        if where is None and request.method not in ("GET", "HEAD", "OPTIONS"):
+            where = _nul_path(request.data)
+        if where is not None:
+            raise exceptions.ValidationError({where or "body": "contains a NUL character (U+0000)"})
         super().initial(request, *args, **kwargs)  # type: ignore[misc]
 
 

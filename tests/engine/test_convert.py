@@ -194,7 +194,9 @@ def test_a_variant_is_a_smaller_usable_artifact_of_its_own(kind: str, tiny_onnx_
     wanted = TensorProto.INT8 if kind == "int8" else TensorProto.FLOAT16
     assert wanted in types
     engine = Engine(out.folder, provider="cpu", threads=1)
-    gen = engine.generate_chat([[{"role": "user", "content": "hello"}]], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    gen = engine.generate_chat(
+        [[{"role": "user", "content": "hello"}]], SamplingParams(max_new_tokens=5, ignore_eos=True)
+    )
     assert len(gen[0].samples[0].token_ids) == 5
 
 

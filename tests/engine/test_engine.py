@@ -457,3 +457,15 @@ def test_engine_on_a_folder_without_a_chat_template_or_eos_says_so(tiny_onnx_dir
     (folder / "tokenizer_config.json").write_text("{}")
     with pytest.raises(ValueError, match="chat template"):
         Engine(folder, provider="cpu")
+
+
+def test_io_binding_and_plain_runs_give_the_same_samples(tiny_onnx_dir: Path) -> None:
+    bound = Engine(tiny_onnx_dir, provider="cpu", threads=1, io_binding=True)
+    plain = Engine(tiny_onnx_dir, provider="cpu", threads=1, io_binding=False)
+    prompts = [bound.render(chat(q)) for q in ("hello", LONG_QUESTION, "what is two plus two")]
+    params = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_new_tokens=8, seed=2)
+    a = bound.generate(prompts, params)
+    b = plain.generate(prompts, params)
+    for x, y in zip(a, b, strict=True):
+        assert [s.token_ids for s in x.samples] == [s.token_ids for s in y.samples]
+        assert [s.mean_logprob for s in x.samples] == pytest.approx([s.mean_logprob for s in y.samples], abs=1e-5)

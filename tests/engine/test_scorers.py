@@ -98,9 +98,7 @@ def test_it_prefers_a_gsm8k_marker() -> None:
 
 
 def test_it_reads_a_boxed_answer() -> None:
-    assert (
-        extract_numeric(r"We get $4 \times 6 = 24$, so the result is $\boxed{24}$ wheels for 6 cars.") == "24"
-    )
+    assert extract_numeric(r"We get $4 \times 6 = 24$, so the result is $\boxed{24}$ wheels for 6 cars.") == "24"
 
 
 @pytest.mark.parametrize(

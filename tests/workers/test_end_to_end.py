@@ -7,8 +7,8 @@ import io
 import json
 import os
 import time
-import uuid
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -25,14 +25,10 @@ DATA = Path(settings.BASE_DIR) / "data" / "demo"
 
 
 def test_a_run_on_the_real_model_is_evaluated_by_a_worker_process(worker_process, free_port) -> None:  # type: ignore[no-untyped-def]
-    artifact, _ = import_model(
-        convert.find_smollm2_gguf(), name="SmolLM2-135M-Instruct", progress=lambda _: None
-    )
+    artifact, _ = import_model(convert.find_smollm2_gguf(), name="SmolLM2-135M-Instruct", progress=lambda _: None)
     assert artifact.parameter_count > 100_000_000
     lines = (DATA / "arithmetic.jsonl").read_text().splitlines()[:4]
-    dataset, _ = import_dataset(
-        io.StringIO("\n".join(lines)), name="arith-e2e", scorer="numeric", fmt="jsonl"
-    )
+    dataset, _ = import_dataset(io.StringIO("\n".join(lines)), name="arith-e2e", scorer="numeric", fmt="jsonl")
     prompt = Prompt.objects.create(name="e2e")
     version, _ = prompt.create_version(
         template="{{ question }}",

@@ -45,9 +45,7 @@ def dataset() -> Dataset:
 @pytest.fixture
 def prompt() -> Prompt:
     p = Prompt.objects.create(name="tiny")
-    v1, _ = p.create_version(
-        template="Q: {{ question }}", variables=["question"], params={"max_new_tokens": 6}
-    )
+    v1, _ = p.create_version(template="Q: {{ question }}", variables=["question"], params={"max_new_tokens": 6})
     p.move_label("production", v1)
     return p
 
@@ -61,9 +59,7 @@ def make_stack(prompt: Prompt, artifact: ModelArtifact, *, n: int = 1, name: str
             "aggregation": "majority_vote" if n > 1 else "none",
         },
     )
-    return Stack.objects.create(
-        name=name, prompt=prompt, prompt_label="production", scaling=scaling, artifact=artifact
-    )
+    return Stack.objects.create(name=name, prompt=prompt, prompt_label="production", scaling=scaling, artifact=artifact)
 
 
 def test_a_run_evaluates_every_item_once_and_finalises(
@@ -104,9 +100,7 @@ def test_a_redelivered_chunk_does_not_duplicate_results(
     assert run.status == "succeeded" and run.results.count() == 5
 
 
-def test_samples_are_aggregated_by_majority_vote(
-    prompt: Prompt, artifact: ModelArtifact, dataset: Dataset
-) -> None:
+def test_samples_are_aggregated_by_majority_vote(prompt: Prompt, artifact: ModelArtifact, dataset: Dataset) -> None:
     run = evaluation.create_run(make_stack(prompt, artifact, n=3), dataset)
     for chunk in evaluation.plan_chunks(run.pk):
         evaluation.evaluate_chunk(run.pk, chunk)
@@ -114,9 +108,7 @@ def test_samples_are_aggregated_by_majority_vote(
         answers = [s["answer"] for s in result.samples]
         assert len(answers) == 3
         assert result.answer in answers
-        assert (
-            answers.count(result.answer) == max(answers.count(a) for a in answers if a) or result.answer == ""
-        )
+        assert answers.count(result.answer) == max(answers.count(a) for a in answers if a) or result.answer == ""
         assert result.generated_tokens == sum(s["tokens"] for s in result.samples)
 
 

@@ -13,6 +13,7 @@ Needs the `convert` extra (torch, transformers, optimum-onnx). Plain Python: no 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -31,7 +32,9 @@ from workers import convert
 from .generate import Engine, SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
-SYSTEM = "You are a precise assistant. Reply with only the final answer: a number for arithmetic, a few words for facts."
+SYSTEM = (
+    "You are a precise assistant. Reply with only the final answer: a number for arithmetic, a few words for facts."
+)
 EXAMPLES = [
     ("Sam has 4 pens and buys 3 more. How many pens does Sam have?", "7"),
     ("What is the capital of Italy?", "Rome"),
@@ -119,6 +122,50 @@ def timed(variant: str, case: str, fn: Callable[[], list[list[int]]], repeats: i
     return Result(variant, case, best, sum(len(o) for o in outputs), peak, extra, outputs)
 
 
+def memory_probe(folder: Path, n: int, new_tokens: int, threads: int, provider: str) -> int:
+    """Child-process mode: load the engine, generate N samples of the first prompt, print the peak RSS in KiB.
+
+    A fresh process per configuration measures what that configuration needs on its own, not what the
+    benchmark's other models happen to hold.
+    """
+    import resource
+
+    engine = Engine(folder, provider=provider, threads=threads)
+    prompt = engine.tokenizer.encode(engine.render(benchmark_conversations(1)[0]))
+    params = SamplingParams(n=n, temperature=0.7 if n > 1 else 0.0, max_new_tokens=new_tokens, ignore_eos=True)
+    engine.generate_ids([prompt], params)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return 0
+
+
+def probe_peak_mib(folder: Path, n: int, args: argparse.Namespace) -> float:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workers.engine.bench",
+            "--memory-probe",
+            str(folder),
+            "--n",
+            str(n),
+            "--new-tokens",
+            str(args.new_tokens),
+            "--threads",
+            str(args.threads),
+            "--provider",
+            args.provider,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout.split()
+    return int(out[-1]) / 1024
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -127,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--skip-optimum", action="store_true")
+    parser.add_argument("--memory-probe", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_probe:
+        return memory_probe(args.memory_probe, args.n, args.new_tokens, args.threads, args.provider)
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -146,28 +197,37 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = Engine(onnx_dir, provider=args.provider, threads=args.threads)
     device = "cuda" if engine.provider == "cuda" else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).to(device).eval()  # type: ignore[arg-type]
     ort_model: Any = None
     if not args.skip_optimum:
         from optimum.onnxruntime import ORTModelForCausalLM
 
         ort_model = ORTModelForCausalLM.from_pretrained(
-            plain_dir, provider="CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider",
+            plain_dir,
+            provider="CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider",
             use_io_binding=device == "cuda",
         )
     convs = benchmark_conversations(16)
     prompts = [engine.tokenizer.encode(engine.render(c)) for c in convs]
     pad = engine.tokenizer.pad_id
     T = args.new_tokens
-    print(f"provider: {engine.provider}; threads: {args.threads}; new tokens per sequence: {T}; "
-          f"prompt tokens: {len(prompts[0])} (N cases), {min(map(len, prompts))}-{max(map(len, prompts))} (batch)")
+    print(
+        f"provider: {engine.provider}; threads: {args.threads}; new tokens per sequence: {T}; "
+        f"prompt tokens: {len(prompts[0])} (N cases), {min(map(len, prompts))}-{max(map(len, prompts))} (batch)"
+    )
 
     def hf_generate(gen_model: Any, ids: list[list[int]], n: int) -> list[list[int]]:
         width = max(map(len, ids))
         x = torch.tensor([[pad] * (width - len(p)) + p for p in ids], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids], device=device)
-        kwargs: dict[str, Any] = {"do_sample": n > 1, "num_return_sequences": n, "max_new_tokens": T,
-                                  "min_new_tokens": T, "pad_token_id": pad, "eos_token_id": None}
+        kwargs: dict[str, Any] = {
+            "do_sample": n > 1,
+            "num_return_sequences": n,
+            "max_new_tokens": T,
+            "min_new_tokens": T,
+            "pad_token_id": pad,
+            "eos_token_id": None,
+        }
         if n > 1:
             kwargs.update(temperature=0.7, top_k=0, top_p=1.0)
         else:
@@ -191,12 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     for _, ids, n in cases[:1]:  # warm-up: first-run allocations and thread pools
         for fn in variants.values():
             fn(ids, n)
-    for case, ids, n in cases:
+    for case, case_ids, n in cases:
         for name, fn in variants.items():
-            results[(name, case)] = timed(name, case, lambda fn=fn, ids=ids, n=n: fn(ids, n), args.repeats)
+            results[(name, case)] = timed(name, case, functools.partial(fn, case_ids, n), args.repeats)
             r = results[(name, case)]
-            print(f"  {case:<8} {name:<8} {r.seconds:7.2f} s {r.tps:8.1f} tok/s  peak RSS {r.peak_mb:6.0f} MiB "
-                  f"(+{r.extra_mb:5.0f} MiB during the call)")
+            print(
+                f"  {case:<8} {name:<8} {r.seconds:7.2f} s {r.tps:8.1f} tok/s  peak RSS {r.peak_mb:6.0f} MiB "
+                f"(+{r.extra_mb:5.0f} MiB during the call)"
+            )
 
     print()
     print(f"{'case':<8} " + " ".join(f"{v + ' s':>11} {v + ' tok/s':>14}" for v in variants))
@@ -222,28 +284,36 @@ def main(argv: list[str] | None = None) -> int:
     for case, need in (("N=8", 2.0), ("N=1", 1.0), ("batch16", 1.0)):
         if others:
             fastest = min(others, key=lambda v: results[(v, case)].seconds)
-            check(f"{case}: fastest other ({fastest}) wall / Fulcrum wall",
-                  results[(fastest, case)].seconds / f[case].seconds, need, higher_is_better=True)
-    check("Fulcrum peak RSS N=8 / N=1", f["N=8"].peak_mb / f["N=1"].peak_mb, 1.5)
-    print(f"        (memory added during the call: N=1 +{f['N=1'].extra_mb:.0f} MiB, N=8 +{f['N=8'].extra_mb:.0f} MiB)")
+            check(
+                f"{case}: fastest other ({fastest}) wall / Fulcrum wall",
+                results[(fastest, case)].seconds / f[case].seconds,
+                need,
+                higher_is_better=True,
+            )
+    peak1, peak8 = probe_peak_mib(onnx_dir, 1, args), probe_peak_mib(onnx_dir, 8, args)
+    check(f"Fulcrum peak RSS N=8 / N=1 (own process each: {peak8:.0f} / {peak1:.0f} MiB)", peak8 / peak1, 1.5)
+    print(
+        f"        (memory added during the call in this process: N=1 +{f['N=1'].extra_mb:.0f} MiB, "
+        f"N=8 +{f['N=8'].extra_mb:.0f} MiB)"
+    )
 
     if not args.skip_torch:
         same = 0
-        for i, ids in enumerate(prompts):
-            reference = hf_generate(model, [ids], 1)[0]
-            mine = fulcrum([ids], 1)[0]
+        for i, prompt in enumerate(prompts):
+            reference = hf_generate(model, [prompt], 1)[0]
+            mine = fulcrum([prompt], 1)[0]
             same += reference == mine
             if reference != mine:
                 first = next(j for j, (a, b) in enumerate(zip(reference, mine, strict=True)) if a != b)
                 print(f"  greedy mismatch on prompt {i} at token {first}")
         batched = fulcrum(prompts, 1)
-        same_batched = sum(
-            hf_generate(model, [ids], 1)[0] == b for ids, b in zip(prompts, batched, strict=True)
-        )
+        same_batched = sum(hf_generate(model, [ids], 1)[0] == b for ids, b in zip(prompts, batched, strict=True))
         passed = same == len(prompts) and same_batched == len(prompts)
         ok &= passed
-        print(f"  {'PASS' if passed else 'FAIL'}  greedy tokens identical to PyTorch generate: "
-              f"{same}/{len(prompts)} prompts one at a time, {same_batched}/{len(prompts)} in Fulcrum's batch of 16")
+        print(
+            f"  {'PASS' if passed else 'FAIL'}  greedy tokens identical to PyTorch generate: "
+            f"{same}/{len(prompts)} prompts one at a time, {same_batched}/{len(prompts)} in Fulcrum's batch of 16"
+        )
     print("all targets met" if ok else "some targets missed")
     return 0 if ok else 1
 
