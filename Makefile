@@ -39,9 +39,11 @@ services:
 	@bash deploy/local-services.sh
 
 test: install services
+	@# The admin's browser test drives Debian's headless Chromium: install it when missing.
+	@bash deploy/test-browser.sh
 	@# A fresh metrics folder: the metrics tests must see only what the tests themselves recorded.
 	rm -rf var/test-metrics && mkdir -p var/test-metrics
-	$(TEST_ENV) PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/var/test-metrics $(PY) -m pytest
+	$(TEST_ENV) FULCRUM_REQUIRE_BROWSER=1 PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/var/test-metrics $(PY) -m pytest
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) -m workers.engine.bench

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make sure the local PostgreSQL and Redis that the test suite talks to are up; start them if not.
+# Make sure the local PostgreSQL, Redis and RabbitMQ that the test suite talks to are up; start them if not.
 set -euo pipefail
 
 if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
@@ -17,6 +17,16 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   echo "starting Redis"
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
   for _ in $(seq 30); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 1; done
+fi
+
+rabbit_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+if ! rabbit_up; then
+  if command -v rabbitmq-server >/dev/null; then
+    echo "starting RabbitMQ"
+    rabbitmq-server -detached >/dev/null 2>&1 || true
+    for _ in $(seq 60); do rabbit_up && break; sleep 1; done
+  fi
+  rabbit_up || echo "RabbitMQ is not reachable on 127.0.0.1:5672; the RabbitMQ broker test will fail" >&2
 fi
 
 # The deploy tests (tests/deploy) run promtool and the Prometheus server, and validate the compose file with

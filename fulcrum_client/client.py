@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 import urllib.error
@@ -116,7 +115,7 @@ class FulcrumClient:
         what = f"{name}@v{version}" if version is not None else f"{name}:{label}"
         try:
             status, etag, body = self._get(url, headers)
-        except (urllib.error.URLError, OSError, socket.timeout) as exc:
+        except (TimeoutError, urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             return self._unreachable(key, what, entry, fallback, f"server unreachable: {reason}")
         if status == 304 and entry is not None:

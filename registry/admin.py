@@ -200,7 +200,9 @@ class PromptVersionInline(ReadOnlyTabularInline):
             base = obj.prompt.versions.filter(number__lt=obj.number).order_by("-number").first()
         if base is None:
             return "-"
-        return format_html('<a href="{}">v{} → v{}</a>', _diff_url(obj.prompt, base.number, obj.number), base.number, obj.number)
+        return format_html(
+            '<a href="{}">v{} → v{}</a>', _diff_url(obj.prompt, base.number, obj.number), base.number, obj.number
+        )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[PromptVersion]:
         return (
@@ -233,7 +235,7 @@ class PromptAdmin(DeletesReadOnlyChildren, AuditedModelAdmin):
     search_fields = ("name", "description")
     readonly_fields = ("created_at", "new_version", "compare")
     fields = ("name", "description", "tags", "created_at", "new_version", "compare")
-    filter_horizontal = ("tags",)
+    autocomplete_fields = ("tags",)
     inlines = (PromptLabelInline, PromptVersionInline)
 
     def get_urls(self) -> list[URLPattern]:
@@ -632,13 +634,13 @@ class PromptLabelAdmin(DeletesReadOnlyChildren, AuditedModelAdmin):
         return [
             path(
                 "<path:object_id>/history/",
-                self.admin_site.admin_view(self.history_view),
+                self.admin_site.admin_view(self.label_history_view),
                 name="registry_promptlabel_history",
             ),
             *super().get_urls(),
         ]
 
-    def history_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+    def label_history_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         """Every move of the label; POST {to_version} rolls back to a version it held (one click per row)."""
         label = self.get_object(request, object_id)
         if label is None or not self.has_view_permission(request, label):
@@ -818,9 +820,8 @@ class StackAdmin(AuditedModelAdmin):
     list_filter = ("scaling", "artifact", "fine_tune")
     search_fields = ("name", "description", "prompt__name", "prompt_version__prompt__name", "prompt_label")
     list_select_related = ("prompt_version__prompt", "prompt", "scaling", "fine_tune", "artifact")
-    autocomplete_fields = ("prompt_version", "prompt", "scaling", "fine_tune", "artifact")
+    autocomplete_fields = ("prompt_version", "prompt", "scaling", "fine_tune", "artifact", "tags")
     readonly_fields = ("resolved_prompt", "created_at", "layers")
-    filter_horizontal = ("tags",)
     fieldsets = (
         ("The four layers", {"fields": ("layers",)}),
         (None, {"fields": ("name", "description", "tags", "created_at")}),
@@ -852,16 +853,29 @@ class StackAdmin(AuditedModelAdmin):
         fine_tune = obj.fine_tune
         artifact = obj.effective_artifact()
         cards = [
-            ("prompt", _link(obj.prompt_version) if obj.prompt_version_id else f"follows {obj.describe_prompt()}",
-             prompt_now if resolved is None or not obj.prompt_version_id else format_html(
-                 "{} variables, {} examples", len(resolved.variables), len(resolved.examples))),
-            ("inference scaling", _link(scaling, scaling.name),
-             f"N={scaling.n_samples}, T={scaling.temperature:g}, top-p {scaling.top_p:g}, {scaling.aggregation}"),
-            ("fine-tune", _link(fine_tune, fine_tune.name) if fine_tune else "none",
-             f"{fine_tune.method} on {fine_tune.base_artifact.name}" if fine_tune else "base weights"),
-            ("architecture", _link(artifact, artifact.name),
-             f"{artifact.dtype}{'/' + artifact.quantisation if artifact.quantisation else ''}, "
-             f"{human_size(artifact.size_bytes)}, {artifact.parameter_count:,} parameters"),
+            (
+                "prompt",
+                _link(obj.prompt_version) if obj.prompt_version_id else f"follows {obj.describe_prompt()}",
+                prompt_now
+                if resolved is None or not obj.prompt_version_id
+                else format_html("{} variables, {} examples", len(resolved.variables), len(resolved.examples)),
+            ),
+            (
+                "inference scaling",
+                _link(scaling, scaling.name),
+                f"N={scaling.n_samples}, T={scaling.temperature:g}, top-p {scaling.top_p:g}, {scaling.aggregation}",
+            ),
+            (
+                "fine-tune",
+                _link(fine_tune, fine_tune.name) if fine_tune else "none",
+                f"{fine_tune.method} on {fine_tune.base_artifact.name}" if fine_tune else "base weights",
+            ),
+            (
+                "architecture",
+                _link(artifact, artifact.name),
+                f"{artifact.dtype}{'/' + artifact.quantisation if artifact.quantisation else ''}, "
+                f"{human_size(artifact.size_bytes)}, {artifact.parameter_count:,} parameters",
+            ),
         ]
         return format_html(
             '<div class="fulcrum-layers" style="display:flex;gap:12px;flex-wrap:wrap">{}</div>',
@@ -1149,7 +1163,11 @@ class EvaluationRunAdmin(DeletesReadOnlyChildren, AuditedModelAdmin):
 
     @admin.display(description="metrics")
     def metrics_table(self, obj: EvaluationRun) -> SafeString:
-        rows = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in sorted(obj.summary.items()) if not isinstance(v, dict | list)]
+        rows = [
+            (k, f"{v:.4g}" if isinstance(v, float) else v)
+            for k, v in sorted(obj.summary.items())
+            if not isinstance(v, dict | list)
+        ]
         if not rows:
             return format_html("{}", "-")
         return format_html(
@@ -1161,7 +1179,9 @@ class EvaluationRunAdmin(DeletesReadOnlyChildren, AuditedModelAdmin):
     def compare_with(self, obj: EvaluationRun) -> str:
         others = EvaluationRun.objects.filter(dataset_id=obj.dataset_id).exclude(pk=obj.pk).select_related("stack")[:10]
         url = reverse("admin:registry_evaluationrun_compare")
-        links = ((f"{url}?{urlencode({'a': other.pk, 'b': obj.pk})}", f"run {other.pk} ({other.stack})") for other in others)
+        links = (
+            (f"{url}?{urlencode({'a': other.pk, 'b': obj.pk})}", f"run {other.pk} ({other.stack})") for other in others
+        )
         return format_html_join(", ", '<a href="{}">{}</a>', links) or "-"
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -1311,7 +1331,17 @@ class ApiTokenAddForm(forms.ModelForm):
 class ApiTokenAdmin(AuditedModelAdmin):
     """Tokens are created here or through the API; the secret is shown once, in the message after saving."""
 
-    list_display = ("name", "prefix", "user", "scope", "active", "created_at", "expires_at", "last_used_at", "revoked_at")
+    list_display = (
+        "name",
+        "prefix",
+        "user",
+        "scope",
+        "active",
+        "created_at",
+        "expires_at",
+        "last_used_at",
+        "revoked_at",
+    )
     list_filter = ("scope", "revoked_at")
     search_fields = ("name", "prefix", "user__username")
     list_select_related = ("user",)
@@ -1329,10 +1359,14 @@ class ApiTokenAdmin(AuditedModelAdmin):
 
     def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         if obj is None:
-            return ("user", "name", "scope", "expires_at") if access.has_role(request.user, "admin") else (
-                "name",
-                "scope",
-                "expires_at",
+            return (
+                ("user", "name", "scope", "expires_at")
+                if access.has_role(request.user, "admin")
+                else (
+                    "name",
+                    "scope",
+                    "expires_at",
+                )
             )
         return self.readonly_fields
 
@@ -1351,9 +1385,7 @@ class ApiTokenAdmin(AuditedModelAdmin):
             setattr(obj, field.attname, getattr(token, field.attname))
         obj._state.adding = False
         obj._state.db = token._state.db
-        self.message_user(
-            request, f"Token {token.name}: {raw} — copy it now, it is not shown again.", messages.WARNING
-        )
+        self.message_user(request, f"Token {token.name}: {raw} — copy it now, it is not shown again.", messages.WARNING)
 
     @admin.display(boolean=True, description="active")
     def active(self, obj: ApiToken) -> bool:
@@ -1395,7 +1427,18 @@ class AuditEntryAdmin(ReadOnlyAdmin):
     search_fields = ("username", "action", "object_repr", "object_id")
     list_select_related = ("token",)
     date_hierarchy = "at"
-    fields = ("at", "username", "user", "via", "token", "action", "object_type", "object_id", "object_repr", "details_json")
+    fields = (
+        "at",
+        "username",
+        "user",
+        "via",
+        "token",
+        "action",
+        "object_type",
+        "object_id",
+        "object_repr",
+        "details_json",
+    )
     readonly_fields = fields
 
     @admin.display(description="object")

@@ -8,7 +8,7 @@ class RegistryConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import access, signals
+        from . import access, experiments, signals
 
-        _ = signals  # connects the admin-to-audit-log handler
+        _ = signals, experiments  # connect the admin-to-audit-log handler and the run-finished/label-moved hooks
         post_migrate.connect(access.ensure_roles, sender=self, dispatch_uid="registry-ensure-roles")

@@ -97,7 +97,7 @@ class Tag(models.Model):
         bad = [name for name in names if not isinstance(name, str) or not cls.NAME_RE.fullmatch(name)]
         if bad:
             raise ValidationError(f"tag {bad[0]!r} must be lower-case letters, digits, '.', '-' or '_' (at most 50)")
-        tags = []
+        tags: list[Tag] = []
         for name in dict.fromkeys(names):
             tag, _ = cls.objects.get_or_create(name=name)
             tags.append(tag)
@@ -375,6 +375,9 @@ class ModelArtifact(models.Model):
         help_text="the artifact this one was derived from (quantisation, fine-tune)",
     )
     price_per_1k_tokens = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    price_per_device_hour = models.DecimalField(
+        max_digits=12, decimal_places=6, default=0, help_text="money per hour of worker engine time on this artifact"
+    )
     metadata = models.JSONField(default=dict, blank=True)
     tags = models.ManyToManyField(Tag, blank=True, related_name="artifacts")
     created_at = models.DateTimeField(default=timezone.now)
@@ -396,6 +399,7 @@ class FineTune(models.Model):
     training_dataset_hash = models.CharField(max_length=64)
     method = models.CharField(max_length=50, help_text="e.g. lora, full")
     hyperparameters = models.JSONField(default=dict, blank=True)
+    training_seconds = models.FloatField(default=0.0, help_text="device time the training took (a one-off cost)")
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -617,6 +621,7 @@ class ItemResult(models.Model):
     prompt_tokens = models.PositiveIntegerField(default=0)
     generated_tokens = models.PositiveIntegerField(default=0)
     latency_s = models.FloatField(default=0.0)
+    worker_seconds = models.FloatField(default=0.0, help_text="this item's share of its chunk's engine time")
     worker = models.CharField(max_length=200, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
@@ -733,3 +738,154 @@ class AuditEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.username or '-'} {self.action} {self.object_repr}"
+
+
+# --- Lever experiments and scheduled evaluations (registry/experiments.py) -----------------------------------
+
+
+class Experiment(models.Model):
+    """A baseline stack and variants of it on one dataset: which lever moves the metric, at what cost.
+
+    Each arm is a stack measured by one evaluation run; a finished run with the same prompt version, scaling,
+    artifact and dataset content is reused instead of evaluated again. The report (registry/experiments.py)
+    compares every arm with its reference arm item by item.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    class Metric(models.TextChoices):
+        ACCURACY = "accuracy", "accuracy on scored items"
+        REFUSAL = "refusal_rate_harmful", "refusal rate on harmful items"
+        ANSWER = "answer_rate_benign", "answer rate on benign items"
+
+    name = models.SlugField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="experiments")
+    metric = models.CharField(max_length=30, choices=Metric.choices, default=Metric.ACCURACY)
+    confidence = models.FloatField(default=0.95)
+    resamples = models.PositiveIntegerField(default=10_000, help_text="bootstrap resamples")
+    seed = models.PositiveIntegerField(default=0, help_text="bootstrap seed: the same runs give the same report")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING, db_index=True)
+    report = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"experiment {self.name} on {self.dataset.name} [{self.status}]"
+
+    def clean(self) -> None:
+        if not 0.5 <= self.confidence < 1:
+            raise ValidationError("confidence must be in [0.5, 1)")
+
+    @property
+    def baseline(self) -> ExperimentArm | None:
+        return self.arms.filter(reference__isnull=True).order_by("position").first()
+
+
+class ExperimentArm(models.Model):
+    """One stack of an experiment; compared with `reference` (the baseline arm has none)."""
+
+    class Layer(models.TextChoices):
+        BASELINE = "baseline"
+        PROMPT = "prompt"
+        SCALING = "scaling"
+        FINE_TUNE = "fine_tune", "fine-tune"
+        ARTIFACT = "artifact"
+        COMBINED = "combined", "several layers at once"
+        NONE = "none", "no layer differs"
+
+    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="arms")
+    position = models.PositiveSmallIntegerField(default=0)
+    name = models.CharField(max_length=100, help_text="what the lever is, e.g. 'prompt v2' or 'N=5 vote'")
+    stack = models.ForeignKey(Stack, on_delete=models.PROTECT, related_name="experiment_arms")
+    reference = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="+", help_text="empty: the baseline"
+    )
+    layer = models.CharField(max_length=20, choices=Layer.choices, default=Layer.BASELINE)
+    run = models.ForeignKey(
+        EvaluationRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="experiment_arms"
+    )
+    reused = models.BooleanField(default=False, help_text="the run existed already (same stack content, same data)")
+
+    class Meta:
+        ordering = ["experiment", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["experiment", "position"], name="experimentarm_unique_position"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.experiment.name}/{self.name} ({self.layer})"
+
+
+class EvaluationSchedule(models.Model):
+    """Evaluate a stack (or whatever version its label points at when it fires) on a dataset, again and again.
+
+    django-celery-beat fires it through a PeriodicTask kept in step with it; a label move can fire it too. Each
+    run is compared with the schedule's previous run, and a significant paired drop is a regression.
+    """
+
+    name = models.SlugField(max_length=100, unique=True)
+    stack = models.ForeignKey(Stack, on_delete=models.PROTECT, related_name="schedules")
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="schedules")
+    metric = models.CharField(max_length=30, choices=Experiment.Metric.choices, default=Experiment.Metric.ACCURACY)
+    every_seconds = models.PositiveIntegerField(null=True, blank=True, help_text="interval; or use crontab")
+    crontab = models.CharField(max_length=100, blank=True, help_text="'minute hour day-of-month month day-of-week'")
+    on_label_move = models.BooleanField(default=False, help_text="also run when the stack's prompt label moves")
+    alpha = models.FloatField(default=0.05, help_text="a drop with a p-value below this is a regression")
+    tolerance = models.FloatField(default=0.0, help_text="drops no larger than this are never regressions")
+    enabled = models.BooleanField(default=True)
+    periodic_task = models.OneToOneField(
+        "django_celery_beat.PeriodicTask", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"schedule {self.name}: {self.stack} on {self.dataset.name}"
+
+    def clean(self) -> None:
+        if bool(self.every_seconds) == bool(self.crontab.strip()) and not self.on_label_move:
+            raise ValidationError("a schedule needs either every_seconds or a crontab (or only on_label_move)")
+        if self.every_seconds and self.crontab.strip():
+            raise ValidationError("a schedule takes every_seconds or a crontab, not both")
+        if self.crontab.strip() and len(self.crontab.split()) != 5:
+            raise ValidationError("crontab must have five fields: minute hour day-of-month month day-of-week")
+        if not 0 < self.alpha < 1:
+            raise ValidationError("alpha must be between 0 and 1")
+
+
+class ScheduledRun(models.Model):
+    """One firing of a schedule: its run and the comparison with the schedule's previous run."""
+
+    class Trigger(models.TextChoices):
+        BEAT = "beat"
+        LABEL = "label", "label move"
+        MANUAL = "manual"
+
+    schedule = models.ForeignKey(EvaluationSchedule, on_delete=models.CASCADE, related_name="scheduled_runs")
+    run = models.OneToOneField(EvaluationRun, on_delete=models.CASCADE, related_name="scheduled")
+    previous = models.ForeignKey(
+        EvaluationRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", help_text="compared with"
+    )
+    trigger = models.CharField(max_length=10, choices=Trigger.choices, default=Trigger.BEAT)
+    compared = models.BooleanField(default=False)
+    regression = models.BooleanField(default=False, db_index=True)
+    comparison = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        flag = " REGRESSION" if self.regression else ""
+        return f"{self.schedule.name} run {self.run_id} ({self.trigger}){flag}"

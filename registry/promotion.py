@@ -68,8 +68,7 @@ class GateResult:
 def policy_for(prompt: Prompt, label: str) -> LabelPolicy | None:
     """The prompt's own policy for the label, else the policy for that label on every prompt, else None."""
     policies = {
-        p.prompt_id: p
-        for p in LabelPolicy.objects.filter(Q(prompt=prompt) | Q(prompt__isnull=True), label=label)
+        p.prompt_id: p for p in LabelPolicy.objects.filter(Q(prompt=prompt) | Q(prompt__isnull=True), label=label)
     }
     return policies.get(prompt.pk) or policies.get(None)
 
@@ -93,7 +92,11 @@ def check_gate(policy: LabelPolicy | None, target: PromptVersion, current: Promp
         status=EvaluationRun.Status.SUCCEEDED, dataset__name=dataset
     ).select_related("dataset")
     target_run = next(
-        (r for r in succeeded.filter(prompt_version=target).order_by("-finished_at", "-id") if _metric(r, metric) is not None),
+        (
+            r
+            for r in succeeded.filter(prompt_version=target).order_by("-finished_at", "-id")
+            if _metric(r, metric) is not None
+        ),
         None,
     )
     if target_run is None:
@@ -105,7 +108,12 @@ def check_gate(policy: LabelPolicy | None, target: PromptVersion, current: Promp
         )
     target_value = _metric(target_run, metric)
     assert target_value is not None
-    base = {"dataset": dataset, "metric": metric, "target_value": target_value, "target_run": target_run.pk}
+    base: dict[str, Any] = {
+        "dataset": dataset,
+        "metric": metric,
+        "target_value": target_value,
+        "target_run": target_run.pk,
+    }
     if current is None or current.pk == target.pk:
         return GateResult(True, f"{target} scores {metric} {target_value:g} on {dataset}", **base)
     current_run = next(

@@ -82,6 +82,10 @@ def export_json(run: EvaluationRun) -> dict[str, Any]:
     }
 
 
+# Metric names containing one of these are costs: a drop is an improvement.
+LOWER_IS_BETTER = ("latency", "seconds", "tokens", "cost", "price", "ttft")
+
+
 def _numeric(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -99,7 +103,9 @@ def compare_runs(a: EvaluationRun, b: EvaluationRun, *, limit: int = 500) -> dic
         if not (_numeric(left) or _numeric(right)):
             continue
         delta = right - left if _numeric(left) and _numeric(right) else None
-        metrics.append({"metric": key, "a": left, "b": right, "delta": delta})
+        lower_is_better = any(word in key for word in LOWER_IS_BETTER)
+        better = None if not delta else (delta < 0) == lower_is_better
+        metrics.append({"metric": key, "a": left, "b": right, "delta": delta, "better": better})
     left_results = {r.item_id: r for r in ItemResult.objects.filter(run=a)}
     right_results = {r.item_id: r for r in ItemResult.objects.filter(run=b)}
     disagreements = []

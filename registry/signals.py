@@ -26,11 +26,12 @@ def _mirror_admin_log(sender: type[LogEntry], instance: LogEntry, created: bool,
     if (content_type.app_label, content_type.model) in _RECORDED_ELSEWHERE:
         return
     message = instance.get_change_message()
+    details: dict[str, Any] = {"message": message} if message else {}
     access.record(
         access.Actor(user=instance.user, via="admin"),
         f"{content_type.model}.{_VERBS.get(instance.action_flag, 'change')}",
         object_type=content_type.model,
         object_id=instance.object_id or "",
         object_repr=instance.object_repr,
-        **({"message": message} if message else {}),
+        **details,
     )

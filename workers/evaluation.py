@@ -147,6 +147,7 @@ def evaluate_chunk(run_id: int, item_ids: list[int]) -> int:
     pooled: list[list[tuple[PromptVersion, Sample]]] = [[] for _ in items]
     rendered: list[list[str]] = [[] for _ in items]
     totals = [[0, 0.0, 0.0] for _ in items]  # prompt tokens, latency, time to first token
+    engine_seconds = 0.0  # the chunk's engine time, shared out over its items (the cost of a run)
     for offset, version in enumerate(versions):
         texts = [engine.render(version.render_messages(item.inputs)) for item in items]
         # Seeding by item index keeps an item's samples identical however the items are chunked.
@@ -159,6 +160,7 @@ def evaluate_chunk(run_id: int, item_ids: list[int]) -> int:
             totals[i][2] = totals[i][2] or gen.ttft_s
             metrics.record_generation(engine.provider, gen)
         stats = engine.last_stats  # of this generate call: the worker time it cost
+        engine_seconds += stats.prefill_s + stats.decode_s
         metrics.record_usage(
             stack=run.stack.name,
             artifact=run.artifact,
@@ -170,6 +172,8 @@ def evaluate_chunk(run_id: int, item_ids: list[int]) -> int:
         _item_result(run, item, rendered[i], pooled[i], int(totals[i][0]), totals[i][1], worker)
         for i, item in enumerate(items)
     ]
+    for row in rows:
+        row.worker_seconds = engine_seconds / len(rows)
     metrics.ITEMS_EVALUATED.labels(stack=run.stack.name).inc(len(rows))
     with transaction.atomic():
         locked = EvaluationRun.objects.select_for_update().get(pk=run_id)
@@ -188,6 +192,7 @@ def evaluate_chunk(run_id: int, item_ids: list[int]) -> int:
                 "prompt_tokens",
                 "generated_tokens",
                 "latency_s",
+                "worker_seconds",
                 "worker",
             ],
         )
@@ -333,4 +338,5 @@ def summarise(results: Iterable[ItemResult]) -> dict[str, Any]:
         "prompt_tokens": sum(r.prompt_tokens for r in rows),
         "generated_tokens": generated,
         "generated_tokens_per_item": round(generated / len(rows), 2) if rows else 0,
+        "worker_seconds": round(sum(r.worker_seconds for r in rows), 4),
     }

@@ -32,3 +32,24 @@ def evaluate_chunk(run_id: int, item_ids: list[int]) -> int:
         # A broken model or prompt fails the same way on every retry: record it on the run for the user.
         evaluation.fail(run_id, f"{type(exc).__name__}: {exc}")
         raise
+
+
+# --- lever experiments and scheduled evaluations (registry/experiments.py) ---------------------------------------
+
+
+@shared_task(name="fulcrum.run_schedule", ignore_result=True)
+def run_schedule(schedule_id: int, trigger: str = "beat") -> int | None:
+    """Fired by Celery beat (or a label move): queue the schedule's next run; returns its id, None if skipped."""
+    from registry import experiments
+
+    run = experiments.fire_schedule(schedule_id, trigger)
+    return run.pk if run is not None else None
+
+
+@shared_task(name="fulcrum.start_experiment", ignore_result=True)
+def start_experiment(experiment_id: int) -> tuple[int, int]:
+    """Reuse or queue the experiment's runs; the report is written when the last one finishes."""
+    from registry import experiments
+    from registry.models import Experiment
+
+    return experiments.start_experiment(Experiment.objects.get(pk=experiment_id))

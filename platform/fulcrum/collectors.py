@@ -88,9 +88,10 @@ class RunResultsCollector(Collector):
 class QueueDepthCollector(Collector):
     """Messages waiting per Celery queue, asked of the broker with a short timeout and cached for a few seconds."""
 
-    def __init__(self, ttl_s: float = 5.0, timeout_s: float = 2.0) -> None:
+    def __init__(self, ttl_s: float = 5.0, timeout_s: float = 2.0, url: str | None = None) -> None:
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
+        self.url = url  # None: the Celery app's broker
         self._lock = threading.Lock()
         self._at = 0.0
         self._cached: tuple[bool, dict[str, int]] = (False, {})
@@ -111,6 +112,7 @@ class QueueDepthCollector(Collector):
         depths: dict[str, int] = {}
         try:
             with app.connection_for_read(
+                self.url,
                 connect_timeout=self.timeout_s,
                 transport_options={"socket_timeout": self.timeout_s, "socket_connect_timeout": self.timeout_s},
             ) as conn:

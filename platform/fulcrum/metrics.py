@@ -73,8 +73,8 @@ WORKER_SECONDS = Counter(
 )
 COST = Counter(
     "fulcrum_inference_cost",
-    "Money spent on inference: (prompt + generated tokens) / 1000 x the artifact's price_per_1k_tokens, in the "
-    "currency the registry's prices are kept in.",
+    "Money spent on inference, in the currency the registry's prices are kept in: (prompt + generated tokens) / "
+    "1000 x the artifact's price_per_1k_tokens, plus engine hours x its price_per_device_hour where it has one.",
     ["stack", "artifact"],
 )
 
@@ -97,7 +97,8 @@ LABEL_MOVES = Counter(
 )
 PROMPT_FETCHES = Counter(
     "fulcrum_prompt_fetches",
-    "Prompts fetched by label through the API; cache=hit is a 304 Not Modified answer to a conditional request.",
+    "Prompts fetched by label through the serving API (/api/serve/); cache=hit is a 304 Not Modified answer to a "
+    "request whose If-None-Match still matches.",
     ["label", "cache"],
 )
 
@@ -177,15 +178,21 @@ ALL_METRICS = (
 
 
 class _Sample(Protocol):
-    token_ids: list[int]
+    @property
+    def token_ids(self) -> Sequence[int]: ...
 
 
 class _Generation(Protocol):
-    samples: Sequence[Any]
-    prompt_tokens: int
-    latency_s: float
-    ttft_s: float
+    """What workers.engine's Generation offers (metrics imports no engine code)."""
 
+    @property
+    def samples(self) -> Sequence[_Sample]: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def latency_s(self) -> float: ...
+    @property
+    def ttft_s(self) -> float: ...
     @property
     def generated_tokens(self) -> int: ...
 
@@ -210,15 +217,18 @@ def artifact_label(artifact: Any) -> str:
 def record_usage(*, stack: str, artifact: Any, engine_seconds: float, generations: Iterable[_Generation]) -> None:
     """Worker time and money a chunk cost, charged to its stack and artifact."""
     label = artifact_label(artifact)
+    seconds = max(engine_seconds, 0.0)
     tokens = sum(g.prompt_tokens + g.generated_tokens for g in generations)
-    price = Decimal(artifact.price_per_1k_tokens or 0)
-    WORKER_SECONDS.labels(stack=stack, artifact=label).inc(max(engine_seconds, 0.0))
-    COST.labels(stack=stack, artifact=label).inc(float(price * tokens / 1000))
+    per_token = Decimal(artifact.price_per_1k_tokens or 0) * tokens / 1000
+    per_hour = Decimal(getattr(artifact, "price_per_device_hour", 0) or 0) * Decimal(seconds) / 3600
+    WORKER_SECONDS.labels(stack=stack, artifact=label).inc(seconds)
+    COST.labels(stack=stack, artifact=label).inc(float(per_token + per_hour))
 
 
-def record_prompt_fetch(label: str, *, not_modified: bool) -> None:
-    """For the prompt API: one fetch of a prompt by label; not_modified for a 304 answer."""
-    PROMPT_FETCHES.labels(label=label, cache="hit" if not_modified else "miss").inc()
+def record_prompt_fetch(label: str | None, *, not_modified: bool) -> None:
+    """One fetch of a prompt by label through the serving API (None: by version number, not counted)."""
+    if label is not None:
+        PROMPT_FETCHES.labels(label=label, cache="hit" if not_modified else "miss").inc()
 
 
 def record_regression(stack: str, dataset: str, metric: str) -> None:
@@ -227,7 +237,7 @@ def record_regression(stack: str, dataset: str, metric: str) -> None:
 
 
 def initialise_counters(role: str) -> None:
-    """Give counters whose label values are known in advance a 0 sample, so alerts and rates see them at once."""
+    """Give series whose label values are known in advance a 0 sample, so alerts and rates see them at once."""
     if role in {"web", "worker"}:
         for status in RUN_STATUSES:
             RUNS.labels(status=status)
@@ -235,6 +245,9 @@ def initialise_counters(role: str) -> None:
         for task in ("fulcrum.run_evaluation", "fulcrum.evaluate_chunk"):
             for state in TASK_STATES:
                 TASKS.labels(task=task, state=state)
+        # The main process's 0 keeps the pool gauge present (not absent) when every child is gone.
+        for state in ("idle", "busy"):
+            WORKER_PROCESSES.labels(state=state).set(0)
 
 
 # --- exposition --------------------------------------------------------------------------------------------------

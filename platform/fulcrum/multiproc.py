@@ -45,6 +45,7 @@ ROLES = ("web", "worker", "beat")
 _PID_IN_NAME = re.compile(r"_(\d+)\.db$")
 # Lock files stay open for the life of the process (and of its forked children, which share them).
 _held: list[TextIO] = []
+_claimed: dict[tuple[str, int], Path] = {}  # (role, pid) -> directory: a second claim returns the first
 
 
 def root() -> Path:
@@ -120,6 +121,8 @@ def claim(role: str) -> Path:
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}")
+    if (role, os.getpid()) in _claimed:
+        return _claimed[(role, os.getpid())]
     from . import metrics
 
     base = root()
@@ -133,7 +136,8 @@ def claim(role: str) -> Path:
         handle = _lock(base / ".web.lock")
         if handle is not None:
             _held.append(handle)
-            stale = [f for f in glob.glob(str(base / "*.db")) if _stale_top_level_file(f)]
+            mapped = _mapped_by_this_process()
+            stale = [f for f in glob.glob(str(base / "*.db")) if _stale_top_level_file(f, mapped)]
             for path in stale:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)
@@ -155,13 +159,25 @@ def claim(role: str) -> Path:
     if handle is not None:  # the group's first process, not a web worker joining its master
         metrics.GROUP_START_TIME.labels(role=role).set(time.time())
     metrics.initialise_counters(role)
+    _claimed[(role, os.getpid())] = target
     return target
 
 
-def _stale_top_level_file(path: str) -> bool:
+def _mapped_by_this_process() -> set[str]:
+    """Files this process has memory-mapped (prometheus-client keeps its sample files mapped); Linux only."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return {line.split(None, 5)[5].strip() for line in maps if len(line.split(None, 5)) == 6}
+    except OSError:
+        return set()
+
+
+def _stale_top_level_file(path: str, mapped: set[str]) -> bool:
     pid = _file_pid(path)
-    # Our own pid's file is left from an earlier process (this group is only starting); a dead pid's is stale.
-    return pid is None or pid == os.getpid() or not _pid_alive(pid)
+    if pid == os.getpid():
+        # Left by an earlier process that had our pid (a restarted container), unless we are writing it already.
+        return os.path.realpath(path) not in mapped and os.path.exists("/proc/self/maps")
+    return pid is None or not _pid_alive(pid)
 
 
 def prune_dead_processes(path: Path) -> None:

@@ -160,6 +160,10 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
     "SCHEMA_PATH_PREFIX": "/api/",
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "registry.api.schema.add_path_examples",
+    ],
 }
 # Largest dataset file the API accepts, in bytes.
 FULCRUM_MAX_UPLOAD_BYTES = env_int("FULCRUM_MAX_UPLOAD_BYTES", 20 * 1024 * 1024, minimum=1)

@@ -46,7 +46,9 @@ def _flatten(detail: Any, field: str | None, out: list[dict[str, Any]]) -> None:
 
 def _django_validation(exc: DjangoValidationError) -> exceptions.ValidationError:
     if hasattr(exc, "error_dict"):
-        return exceptions.ValidationError({k: [str(m) for e in v for m in e.messages] for k, v in exc.error_dict.items()})
+        return exceptions.ValidationError(
+            {k: [str(m) for e in v for m in e.messages] for k, v in exc.error_dict.items()}
+        )
     return exceptions.ValidationError({"non_field_errors": exc.messages})
 
 
@@ -56,7 +58,9 @@ def _translate(exc: Exception) -> Exception:
     if isinstance(exc, PromptTemplateError | DatasetImportError):
         return exceptions.ValidationError({"non_field_errors": [str(exc)]})
     if isinstance(exc, ProtectedError | RestrictedError):
-        users = sorted({str(obj) for obj in list(getattr(exc, "protected_objects", None) or exc.restricted_objects)[:5]})
+        users = sorted(
+            {str(obj) for obj in list(getattr(exc, "protected_objects", None) or getattr(exc, "restricted_objects", []))[:5]}
+        )
         return Conflict(f"still in use by {', '.join(users)}; remove those first", code="in_use")
     if isinstance(exc, IntegrityError):
         # A unique constraint that a concurrent request satisfied first.
@@ -84,9 +88,15 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     errors: list[dict[str, Any]] = []
     _flatten(exc.detail, None, errors)
     codes = exc.get_codes()
-    code = codes if isinstance(codes, str) else ("invalid" if isinstance(exc, exceptions.ValidationError) else exc.default_code)
-    message = errors[0]["message"] if len(errors) == 1 else (
-        "; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors[:5])
+    code = (
+        codes
+        if isinstance(codes, str)
+        else ("invalid" if isinstance(exc, exceptions.ValidationError) else exc.default_code)
+    )
+    message = (
+        errors[0]["message"]
+        if len(errors) == 1
+        else ("; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors[:5]))
     )
     body: dict[str, Any] = {"status": response.status_code, "code": code, "message": message, "errors": errors}
     if gate is not None:

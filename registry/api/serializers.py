@@ -198,7 +198,9 @@ class PromptVersionSerializer(serializers.ModelSerializer):
         child=serializers.CharField(max_length=100), max_length=MAX_VARIABLES, required=False, default=list
     )
     examples = SafeJSONField(kind=list, required=False, default=list, help_text='[{"inputs": {...}, "output": "..."}]')
-    params = SafeJSONField(kind=dict, required=False, default=dict, help_text="temperature, top_p, top_k, max_new_tokens")
+    params = SafeJSONField(
+        kind=dict, required=False, default=dict, help_text="temperature, top_p, top_k, max_new_tokens"
+    )
     commit_message = serializers.CharField(max_length=10_000, required=False, allow_blank=True)
     parent = VersionNumberField(
         required=False, allow_null=True, min_value=1, max_value=INT32_MAX, help_text="parent version number"
@@ -457,7 +459,10 @@ class ArtifactSerializer(TaggedSerializer, CleanedSerializer):
             changed = [name for name in self.IMMUTABLE if name in attrs and attrs[name] != getattr(self.instance, name)]
             if changed:
                 raise serializers.ValidationError(
-                    {name: "an artifact's files and provenance cannot change; register a new artifact" for name in changed}
+                    {
+                        name: "an artifact's files and provenance cannot change; register a new artifact"
+                        for name in changed
+                    }
                 )
         return super().validate(attrs)
 
@@ -586,7 +591,17 @@ class DatasetSerializer(TaggedSerializer):
 
     class Meta:
         model = Dataset
-        fields = ["id", "name", "description", "scorer", "scorer_pattern", "content_hash", "item_count", "tags", "created_at"]
+        fields = [
+            "id",
+            "name",
+            "description",
+            "scorer",
+            "scorer_pattern",
+            "content_hash",
+            "item_count",
+            "tags",
+            "created_at",
+        ]
         read_only_fields = ["name", "scorer", "scorer_pattern", "content_hash", "item_count", "created_at"]
 
 
@@ -735,7 +750,18 @@ class AuditEntrySerializer(serializers.ModelSerializer):
 
     class Meta:
         model = AuditEntry
-        fields = ["id", "at", "username", "via", "token", "action", "object_type", "object_id", "object_repr", "details"]
+        fields = [
+            "id",
+            "at",
+            "username",
+            "via",
+            "token",
+            "action",
+            "object_type",
+            "object_id",
+            "object_repr",
+            "details",
+        ]
 
     def get_token(self, obj: AuditEntry) -> str | None:
         return obj.token.prefix if obj.token_id and obj.token else None

@@ -38,6 +38,7 @@ urlpatterns = [
         name="schema",
     ),
     path("me/", views.MeView.as_view(), name="me"),
-    path(f"serve/<slug:name>/", views.ServeView.as_view(), name="serve"),
+    path("serve/<slug:name>/", views.ServeView.as_view(), name="serve"),
+    path("", include("registry.api.experiments")),  # lever reports, schedules, regressions (read-only)
     path("", include(router.urls)),
 ]

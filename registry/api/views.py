@@ -19,6 +19,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from fulcrum import metrics
 from registry import access, diffing, promotion, reports
 from registry.datasets import DatasetImportError, check_target, find_conflict, parse_dataset, store_dataset
 from registry.models import (
@@ -90,8 +91,8 @@ def _nul_path(value: Any, path: str = "") -> str | None:
 
 
 class Base:
-    """Shared by every view: refuses NUL characters (U+0000) in the query string and the body, which PostgreSQL
-    can neither store nor compare."""
+    # Shared by every view: refuses NUL characters (U+0000) in the query string and the body, which PostgreSQL
+    # can neither store nor compare. (A comment, not a docstring: view docstrings become schema descriptions.)
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         where = _nul_path(request.query_params)
@@ -327,7 +328,9 @@ class LabelViewSet(AuditedViewSet, mixins.ListModelMixin, mixins.RetrieveModelMi
         if data.get("to_version") is not None:
             target = prompt.versions.filter(number=data["to_version"]).first()
             if target is None:
-                raise exceptions.ValidationError({"to_version": f"prompt {prompt.name!r} has no version {data['to_version']}"})
+                raise exceptions.ValidationError(
+                    {"to_version": f"prompt {prompt.name!r} has no version {data['to_version']}"}
+                )
         move = promotion.rollback_label(
             prompt,
             name,
@@ -415,11 +418,12 @@ class ServeView(Base, APIView):
             version = _version_or_gone(_prompt_or_404(name), data["version"])
         else:
             label = data.get("label", "production")
-            row = PromptLabel.objects.filter(prompt__name=name, name=label).select_related("version__prompt").first()
-            if row is None:
+            try:
+                row = PromptLabel.objects.select_related("version__prompt").get(prompt__name=name, name=label)
+            except PromptLabel.DoesNotExist:
                 if not Prompt.objects.filter(name=name).exists():
-                    raise exceptions.NotFound(f"no prompt named {name!r}")
-                raise exceptions.NotFound(f"prompt {name!r} has no label {label!r}", code="label_not_found")
+                    raise exceptions.NotFound(f"no prompt named {name!r}") from None
+                raise exceptions.NotFound(f"prompt {name!r} has no label {label!r}", code="label_not_found") from None
             version = row.version
         inputs = data.get("inputs")
         tag = version.content_hash
@@ -431,6 +435,7 @@ class ServeView(Base, APIView):
         if wanted:
             tags = parse_etags(wanted)
             if "*" in tags or any(t.removeprefix("W/") == etag for t in tags):
+                metrics.record_prompt_fetch(label, not_modified=True)
                 return Response(status=status.HTTP_304_NOT_MODIFIED, headers=headers)
         body: dict[str, Any] = {
             "prompt": version.prompt.name,
@@ -448,6 +453,7 @@ class ServeView(Base, APIView):
                 body["messages"] = version.render_messages(inputs)
             except PromptTemplateError as exc:
                 raise exceptions.ValidationError({"inputs": str(exc)}) from None
+        metrics.record_prompt_fetch(label, not_modified=False)
         return Response(body, headers=headers)
 
 
@@ -486,9 +492,11 @@ class StackViewSet(CrudViewSet):
     filterset_class = filters.StackFilter
     lookup_value_regex = ID_RE
     audit_type = "stack"
-    queryset = Stack.objects.select_related(
-        "prompt", "prompt_version__prompt", "scaling", "fine_tune", "artifact"
-    ).prefetch_related("tags").order_by("name")
+    queryset = (
+        Stack.objects.select_related("prompt", "prompt_version__prompt", "scaling", "fine_tune", "artifact")
+        .prefetch_related("tags")
+        .order_by("name")
+    )
 
 
 # --- datasets ---------------------------------------------------------------------------------------------------
@@ -599,7 +607,9 @@ class RunViewSet(
             raise exceptions.ValidationError({"stack": str(exc)}) from None
         return Response(self.get_serializer(run).data, status=status.HTTP_201_CREATED)
 
-    @extend_schema(summary="Queue a pending run", request=None, responses={200: s.RunSerializer, 409: OpenApiResponse()})
+    @extend_schema(
+        summary="Queue a pending run", request=None, responses={200: s.RunSerializer, 409: OpenApiResponse()}
+    )
     @action(detail=True, methods=["post"])
     def start(self, request: Request, pk: str) -> Response:
         from workers import evaluation
@@ -719,14 +729,18 @@ class TokenViewSet(
             actor(request).require(Role.EDITOR, "create a write token")
         with transaction.atomic():
             token, raw = access.create_token(
-                request.user, serializer.validated_data["name"], scope, expires_at=serializer.validated_data.get("expires_at")
+                request.user,
+                serializer.validated_data["name"],
+                scope,
+                expires_at=serializer.validated_data.get("expires_at"),
             )
             self.record("create", token, scope=scope)
         data = dict(s.TokenSerializer(token).data)
         data["token"] = raw
         return Response(data, status=status.HTTP_201_CREATED)
 
-    def perform_destroy(self, instance: ApiToken) -> None:
+    def perform_destroy(self, instance: Model) -> None:
+        assert isinstance(instance, ApiToken)
         with transaction.atomic():
             if access.revoke_token(instance):
                 self.record("revoke", instance, owner=instance.user.get_username())

@@ -103,7 +103,9 @@ def test_audit_log_lists_every_write_with_user_and_token(client_for: Callable[..
 
 
 def test_admin_writes_are_audited_too(admin_client: Client, qa: Prompt) -> None:
-    response = admin_client.post("/admin/registry/prompt/add/", {"name": "from-admin", "description": "x", **_inline_data()})
+    response = admin_client.post(
+        "/admin/registry/prompt/add/", {"name": "from-admin", "description": "x", **_inline_data()}
+    )
     assert response.status_code == 302, response.content[:2000]
     entry = AuditEntry.objects.get(action="prompt.create")
     assert (entry.via, entry.object_repr, entry.username) == ("admin", "from-admin", "admin")

@@ -86,7 +86,9 @@ def test_a_deleted_version_or_label_is_dropped_at_once(served: dict[str, Any], c
         client.get_prompt("qa", version=2)
     assert gone.value.status == 410
     assert "dropped the cached copy" in caplog.text
-    assert client.get_prompt("qa", version=2, fallback={"template": "fb {{ q }}", "variables": ["q"]}).source == "fallback"
+    assert (
+        client.get_prompt("qa", version=2, fallback={"template": "fb {{ q }}", "variables": ["q"]}).source == "fallback"
+    )
     # Even with the server unreachable afterwards, the gone version is not served from a cache.
     client.base_url = dead_url()
     with pytest.raises(ServerUnavailable):

@@ -27,7 +27,9 @@ schema = schemathesis.openapi.from_wsgi("/api/schema/", get_wsgi_application())
 
 
 @pytest.fixture
-def fuzz_headers(make_user: Any, evaluated: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+def fuzz_headers(
+    make_user: Any, evaluated: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[dict[str, str]]:
     from workers import evaluation
 
     monkeypatch.setattr(evaluation, "start_run", lambda run: None)

@@ -81,7 +81,9 @@ def test_a_read_token_never_writes_even_for_an_admin(client_for: Callable[..., A
 def test_a_policy_can_restrict_any_label_to_a_role(
     client_for: Callable[..., APIClient], admin_api: APIClient, qa: Prompt
 ) -> None:
-    made = admin_api.post("/api/label-policies/", {"prompt": "qa", "label": "canary", "required_role": "admin"}, format="json")
+    made = admin_api.post(
+        "/api/label-policies/", {"prompt": "qa", "label": "canary", "required_role": "admin"}, format="json"
+    )
     assert made.status_code == 201, made.data
     assert client_for("deployer").post(f"{LABELS}canary/move/", {"version": 2}, format="json").status_code == 403
     assert admin_api.post(f"{LABELS}canary/move/", {"version": 2}, format="json").status_code == 200
@@ -121,7 +123,9 @@ def test_promotion_gate_needs_an_evaluation_not_worse_than_the_current_one(
 @pytest.mark.django_db
 def test_conditional_move_conflicts_when_the_label_moved(editor_api: APIClient, qa: Prompt) -> None:
     body = {"version": 2, "expected_version": 1}
-    assert editor_api.post(f"{LABELS}staging/move/", {**body, "expected_version": None}, format="json").status_code == 200
+    assert (
+        editor_api.post(f"{LABELS}staging/move/", {**body, "expected_version": None}, format="json").status_code == 200
+    )
     stale = editor_api.post(f"{LABELS}staging/move/", {"version": 1, "expected_version": None}, format="json")
     assert stale.status_code == 409 and stale.data["code"] == "label_moved"
 

@@ -15,7 +15,9 @@ VERSIONS = "/api/prompts/qa/versions/"
 
 
 def test_prompt_crud_tags_and_filters(editor_api: APIClient, admin_api: APIClient) -> None:
-    created = editor_api.post("/api/prompts/", {"name": "summarise", "description": "short", "tags": ["team-a", "beta"]})
+    created = editor_api.post(
+        "/api/prompts/", {"name": "summarise", "description": "short", "tags": ["team-a", "beta"]}
+    )
     assert created.status_code == 201, created.data
     assert created.data["tags"] == ["beta", "team-a"] or sorted(created.data["tags"]) == ["beta", "team-a"]
     editor_api.post("/api/prompts/", {"name": "other", "tags": ["team-b"]})
@@ -48,7 +50,9 @@ def test_unicode_names_are_refused_but_unicode_content_round_trips(editor_api: A
     assert bad.status_code == 400
     assert bad.data["errors"][0]["field"] == "name"
     assert editor_api.get("/api/prompts/r%C3%A9sum%C3%A9/").status_code == 404
-    ok = editor_api.post("/api/prompts/", {"name": "resume", "description": "Zusammenfassung · 要約 · 🚀"}, format="json")
+    ok = editor_api.post(
+        "/api/prompts/", {"name": "resume", "description": "Zusammenfassung · 要約 · 🚀"}, format="json"
+    )
     assert ok.status_code == 201
     content = {"template": "Résumé : {{ texte }} → 要約", "variables": ["texte"], "system_message": "Sois bref 🚀"}
     made = editor_api.post("/api/prompts/resume/versions/", content, format="json")
@@ -82,7 +86,10 @@ def test_versions_are_immutable(editor_api: APIClient, admin_api: APIClient, qa:
         ({"template": "{{ cycler.__init__.__globals__.os }}", "variables": []}, "template"),
         ({"template": "{{ question|attr('__class__') }}", "variables": ["question"]}, "template"),
         ({"template": "{{ question['__class__'] }}", "variables": ["question"]}, "template"),
-        ({"template": "ok {{ question }}", "system_message": "{{ x.__class__ }}", "variables": ["question"]}, "system_message"),
+        (
+            {"template": "ok {{ question }}", "system_message": "{{ x.__class__ }}", "variables": ["question"]},
+            "system_message",
+        ),
         ({"template": "{{ question }", "variables": ["question"]}, "template"),
         ({"template": "{{ undeclared }}", "variables": []}, "template"),
         ({"template": "   ", "variables": []}, "template"),
@@ -94,7 +101,10 @@ def test_versions_are_immutable(editor_api: APIClient, admin_api: APIClient, qa:
         ({"template": "{{ q }}\x00", "variables": ["q"]}, "template"),
         ({"template": "{{ q }}", "variables": ["q"], "params": {"max_new_tokens": "\x00"}}, "params"),
         ({"template": "x" * 100_001, "variables": []}, "template"),
-        ({"template": "{{ q }}", "variables": ["q"], "examples": [{"inputs": {"q": "x"}, "output": "y"}] * 101}, "examples"),
+        (
+            {"template": "{{ q }}", "variables": ["q"], "examples": [{"inputs": {"q": "x"}, "output": "y"}] * 101},
+            "examples",
+        ),
         ({"variables": ["q"]}, "template"),
         ({"template": "{{ q }}", "variables": ["q"], "parent": 99}, "parent"),
     ],
@@ -105,7 +115,7 @@ def test_bad_versions_are_refused_with_a_field_and_a_message(
     response = editor_api.post(VERSIONS, payload, format="json")
     assert response.status_code == 400, response.data
     assert response.data["status"] == 400 and response.data["code"] == "invalid"
-    assert response.data["errors"][0]["field"] == field, response.data
+    assert response.data["errors"][0]["field"].split(".")[0].split("[")[0] == field, response.data
     assert response.data["errors"][0]["message"]
     assert qa.versions.count() == 2
 
@@ -158,9 +168,7 @@ def test_serve_by_label_with_etag_and_not_modified(client_for: Callable[..., API
     assert reader.get("/api/serve/qa/", HTTP_IF_NONE_MATCH='"other"').status_code == 200
 
 
-def test_a_label_move_is_visible_on_the_very_next_request(
-    client_for: Callable[..., APIClient], qa: Prompt
-) -> None:
+def test_a_label_move_is_visible_on_the_very_next_request(client_for: Callable[..., APIClient], qa: Prompt) -> None:
     reader, deployer = client_for("viewer", scope="read"), client_for("deployer")
     etag = reader.get("/api/serve/qa/")["ETag"]
     moved = deployer.post("/api/prompts/qa/labels/production/move/", {"version": 2, "reason": "better"}, format="json")
@@ -195,3 +203,15 @@ def test_a_deleted_label_is_gone_on_the_next_request(client_for: Callable[..., A
     assert deployer.get("/api/serve/qa/").status_code == 200
     assert deployer.delete("/api/prompts/qa/labels/production/").status_code == 204
     assert deployer.get("/api/serve/qa/").status_code == 404
+
+
+def test_a_computed_dunder_lookup_is_stopped_by_the_sandbox_when_rendering(editor_api: APIClient, qa: Prompt) -> None:
+    body = {"template": "{{ question[key] }}", "variables": ["question", "key"]}
+    made = editor_api.post(VERSIONS, body, format="json")
+    assert made.status_code == 201  # the parser cannot see a computed name; the sandbox stops it at render time
+    number = made.data["number"]
+    params = {"version": number, "inputs": '{"question": "x", "key": "__class__"}'}
+    response = editor_api.get("/api/serve/qa/", params)
+    assert response.status_code == 400 and "unsafe" in response.data["message"], response.data
+    ok = editor_api.get("/api/serve/qa/", {"version": number, "inputs": '{"question": {"a": "b"}, "key": "a"}'})
+    assert ok.status_code == 200 and ok.data["messages"][-1]["content"] == "b"

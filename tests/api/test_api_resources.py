@@ -39,7 +39,9 @@ def test_artifacts_fine_tunes_scaling_and_stacks(
     assert editor_api.post("/api/artifacts/", artifact_body(), format="json").status_code == 403  # admins register
     base = admin_api.post("/api/artifacts/", artifact_body(), format="json")
     assert base.status_code == 201, base.data
-    tuned = admin_api.post("/api/artifacts/", artifact_body(name="tuned", sha256="3" * 64, parent=base.data["id"]), format="json")
+    tuned = admin_api.post(
+        "/api/artifacts/", artifact_body(name="tuned", sha256="3" * 64, parent=base.data["id"]), format="json"
+    )
     assert tuned.status_code == 201
     assert editor_api.get("/api/artifacts/", {"tag": "small"}).data["count"] == 2
     assert editor_api.get("/api/artifacts/", {"parent": base.data["id"]}).data["count"] == 1
@@ -60,7 +62,9 @@ def test_artifacts_fine_tunes_scaling_and_stacks(
     ft = editor_api.post("/api/fine-tunes/", {**ft_body, "result_artifact": tuned.data["id"]}, format="json")
     assert ft.status_code == 201, ft.data
 
-    greedy_many = editor_api.post("/api/scaling-configs/", {"name": "bad", "n_samples": 5, "temperature": 0}, format="json")
+    greedy_many = editor_api.post(
+        "/api/scaling-configs/", {"name": "bad", "n_samples": 5, "temperature": 0}, format="json"
+    )
     assert greedy_many.status_code == 400 and "temperature" in greedy_many.data["message"]
     vote = editor_api.post(
         "/api/scaling-configs/",
@@ -73,7 +77,9 @@ def test_artifacts_fine_tunes_scaling_and_stacks(
     refused = editor_api.post("/api/stacks/", {**both, "artifact": base.data["id"]}, format="json")
     assert refused.status_code == 400 and refused.data["errors"][0]["field"] == "prompt_version"
     follow = {"name": "follow", "prompt": "qa", "prompt_label": "production", "scaling": "vote5"}
-    made = editor_api.post("/api/stacks/", {**follow, "artifact": base.data["id"], "fine_tune": "tiny-lora"}, format="json")
+    made = editor_api.post(
+        "/api/stacks/", {**follow, "artifact": base.data["id"], "fine_tune": "tiny-lora"}, format="json"
+    )
     assert made.status_code == 201, made.data
     assert (made.data["prompt"], made.data["prompt_label"], made.data["resolved_version"]) == ("qa", "production", 1)
     pinned = editor_api.post(
@@ -97,9 +103,13 @@ def test_dataset_upload_jsonl_csv_and_dedup(editor_api: APIClient) -> None:
     made = editor_api.post("/api/datasets/", {"file": upload, "name": "arith", "scorer": "numeric", "tags": ["math"]})
     assert made.status_code == 201, made.data
     assert made.data["item_count"] == 2 and made.data["tags"] == ["math"]
-    again = editor_api.post("/api/datasets/", {"content": GOOD_JSONL, "format": "jsonl", "name": "arith", "scorer": "numeric"}, format="json")
+    again = editor_api.post(
+        "/api/datasets/",
+        {"content": GOOD_JSONL, "format": "jsonl", "name": "arith", "scorer": "numeric"},
+        format="json",
+    )
     assert again.status_code == 200 and again.data["id"] == made.data["id"]
-    csv_text = "id,question,expected\nx,\"Hello, world\",hi\n"
+    csv_text = 'id,question,expected\nx,"Hello, world",hi\n'
     made_csv = editor_api.post("/api/datasets/", {"content": csv_text, "format": "csv", "name": "greet"}, format="json")
     assert made_csv.status_code == 201
     items = editor_api.get(f"/api/datasets/{made_csv.data['id']}/items/").data["results"]
@@ -116,7 +126,7 @@ def test_dataset_upload_jsonl_csv_and_dedup(editor_api: APIClient) -> None:
         ('{"id": "a", "question": "x"}\n[1, 2]\n', "jsonl", "line 2: expected a JSON object"),
         ('{"id": "a", "question": "x", "kind": "evil"}\n', "jsonl", "unknown kind"),
         ("id,question\na,x\nb,y,z\n", "csv", "line 3: row has 3 columns"),
-        ("id,question\na,\"unterminated\n", "csv", "malformed CSV"),
+        ('id,question\na,"unterminated\n', "csv", "malformed CSV"),
         ("", "jsonl", "may not be blank"),
         ("\n \n", "jsonl", "empty"),
         ('{"id": "a", "question": "x\\u0000"}\n', "jsonl", "NUL"),
@@ -180,7 +190,11 @@ def test_runs_create_cancel_results_export_and_compare(
     exported = editor_api.get(f"/api/runs/{run1.pk}/export/", {"format": "csv"})
     assert exported.status_code == 200 and exported["Content-Type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(b"".join(exported.streaming_content).decode())))
-    assert [(r["item"], r["answer"], r["score"]) for r in rows] == [("q1", "4", "1.0"), ("q2", "5", "0.0"), ("q3", "8", "1.0")]
+    assert [(r["item"], r["answer"], r["score"]) for r in rows] == [
+        ("q1", "4", "1.0"),
+        ("q2", "5", "0.0"),
+        ("q3", "8", "1.0"),
+    ]
     as_json = editor_api.get(f"/api/runs/{run1.pk}/export/", {"format": "json"})
     assert json.loads(as_json.content)["results"][1]["answer"] == "5"
     assert editor_api.get(f"/api/runs/{run1.pk}/export/", {"format": "xml"}).status_code == 400
@@ -204,5 +218,7 @@ def test_a_run_whose_label_is_missing_is_a_client_error(editor_api: APIClient, e
         scaling=evaluated["scaling"],
         artifact=evaluated["artifact"],
     )
-    response = editor_api.post("/api/runs/", {"stack": stack.name, "dataset": evaluated["dataset"].pk, "start": False}, format="json")
+    response = editor_api.post(
+        "/api/runs/", {"stack": stack.name, "dataset": evaluated["dataset"].pk, "start": False}, format="json"
+    )
     assert response.status_code == 400 and "no label 'nope'" in response.data["message"]

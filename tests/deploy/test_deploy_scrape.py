@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.parse
+import urllib.request
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -26,16 +27,18 @@ from deploy_helpers import (
     subprocess_env,
     wait_for,
 )
+from django.contrib.auth import get_user_model
 
 from fulcrum.celery import app
+from registry import access
 from registry.models import Dataset, DatasetItem, EvaluationRun, ModelArtifact, Prompt, ScalingConfig, Stack
 from workers import convert, evaluation
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# Declared by every target but recorded only by features that are not built yet (the regression check, the
-# prompt-fetch API): Prometheus must know them (metadata), samples come later.
-DECLARED_ONLY = {"fulcrum_evaluation_regressions_total", "fulcrum_prompt_fetches_total"}
+# Declared by every target but recorded only by a feature not built yet (the regression check): Prometheus must
+# know it (metadata); samples come later.
+DECLARED_ONLY = {"fulcrum_evaluation_regressions_total"}
 SCRAPES = ROOT / "var" / "deploy-tests"
 
 
@@ -98,6 +101,12 @@ def _value(prometheus: str, promql: str) -> float | None:
     return float(result[0]["value"][1]) if result else None
 
 
+def _number(prometheus: str, promql: str) -> float:
+    found = _value(prometheus, promql)
+    assert found is not None, f"no result for {promql}"
+    return found
+
+
 def test_prometheus_scrapes_web_worker_and_beat_and_every_dashboard_query_resolves(
     tiny_onnx_dir: Path, tmp_path: Path, processes: Any
 ) -> None:
@@ -139,6 +148,17 @@ def test_prometheus_scrapes_web_worker_and_beat_and_every_dashboard_query_resolv
     # A label moved from the command line: a short-lived process whose count the web serves.
     label = processes("label", [python(), "manage.py", "prompt", "label", "deploy", "staging", "1"], env)
     assert label.wait(timeout=60) == 0
+    # The prompt fetched by that label through the serving API, then revalidated (304).
+    user = get_user_model().objects.create_user("deploy-reader")
+    access.grant_role(user, "viewer")
+    _, token = access.create_token(user, "deploy-test")
+    auth = {"Authorization": f"Bearer {token}"}
+    status, _ = http_get(f"{web_url}/api/serve/deploy/?label=staging", headers=auth)
+    assert status == 200
+    etag = urllib.request.urlopen(
+        urllib.request.Request(f"{web_url}/api/serve/deploy/?label=staging", headers=auth), timeout=10
+    ).headers["ETag"]
+    assert http_get(f"{web_url}/api/serve/deploy/?label=staging", headers={**auth, "If-None-Match": etag})[0] == 304
 
     previous = app.conf.task_default_queue
     app.conf.task_default_queue = queue
@@ -213,20 +233,22 @@ def test_prometheus_scrapes_web_worker_and_beat_and_every_dashboard_query_resolv
     assert _value(prometheus, 'sum(fulcrum_evaluation_items_total{stack="deploy-stack"})') == 6
     assert _value(prometheus, 'sum(fulcrum_evaluation_runs_total{status="succeeded"})') == 1
     assert _value(prometheus, 'sum(fulcrum_prompt_label_moves_total{label="staging"})') == 1
+    assert _value(prometheus, 'sum(fulcrum_prompt_fetches_total{label="staging", cache="miss"})') == 2
+    assert _value(prometheus, 'sum(fulcrum_prompt_fetches_total{label="staging", cache="hit"})') == 1
     assert _value(prometheus, "sum(fulcrum_inference_samples_per_request_count)") == 6
     assert _value(prometheus, "sum(fulcrum_inference_samples_per_request_sum)") == 12
     assert _value(prometheus, 'sum(fulcrum_worker_processes{job="fulcrum-worker"})') == 2
     assert _value(prometheus, 'max(fulcrum_broker_up{job="fulcrum-web"})') == 1
     assert _value(prometheus, f'max(fulcrum_queue_messages{{queue="{queue}"}})') is not None
     assert _value(prometheus, "count(fulcrum_process_group_start_time_seconds)") == 3  # web, worker, beat
-    assert _value(prometheus, "min(fulcrum_process_group_start_time_seconds)") > time.time() - 600
-    assert _value(prometheus, 'sum(fulcrum_beat_tasks_sent_total{task="celery.backend_cleanup"})') >= 1
+    assert _number(prometheus, "min(fulcrum_process_group_start_time_seconds)") > time.time() - 600
+    assert _number(prometheus, 'sum(fulcrum_beat_tasks_sent_total{task="celery.backend_cleanup"})') >= 1
     run.refresh_from_db()
     tokens = run.summary["prompt_tokens"] + run.summary["generated_tokens"]
     assert _value(prometheus, 'sum(fulcrum_inference_cost_total{stack="deploy-stack"})') == pytest.approx(
         tokens * 0.25 / 1000
     )
-    assert _value(prometheus, 'sum(fulcrum_inference_worker_seconds_total{stack="deploy-stack"})') > 0
+    assert _number(prometheus, 'sum(fulcrum_inference_worker_seconds_total{stack="deploy-stack"})') > 0
     accuracy = _value(prometheus, 'max(fulcrum_evaluation_accuracy_ratio{stack="deploy-stack"})')
     assert accuracy == pytest.approx(run.summary["accuracy"])
     tax = _value(prometheus, 'max(fulcrum_evaluation_alignment_tax_ratio{stack="deploy-stack"})')

@@ -159,7 +159,7 @@ def test_a_shared_prompt_head_runs_once_without_changing_outputs(
     calls: list[tuple[int, ...]] = []
     original = tiny_engine._forward
 
-    def spy(ids: np.ndarray, *args: Any) -> list[np.ndarray]:
+    def spy(ids: np.ndarray, *args: Any) -> tuple[np.ndarray, list[Any]]:
         calls.append(ids.shape)
         return original(ids, *args)
 

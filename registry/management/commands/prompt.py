@@ -16,6 +16,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.core.validators import validate_slug
 from django.db import transaction
 
+from registry import access
 from registry.models import LabelMove, Prompt, PromptVersion
 
 
@@ -140,6 +141,8 @@ class Command(BaseCommand):
                     commit_message=options["message"],
                     parent=parent,
                 )
+                if created:
+                    access.record(access.Actor(via="cli"), "version.create", version, number=version.number)
         except ValidationError as exc:
             raise CommandError(f"prompt {name!r}: {_messages(exc)}") from None
 
@@ -165,7 +168,17 @@ class Command(BaseCommand):
             self.stdout.write(f"{prompt.name}:{label_name} already points at v{version.number}; nothing moved")
             return
         try:
-            move = prompt.move_label(label_name, version, reason=options["reason"])
+            with transaction.atomic():
+                move = prompt.move_label(label_name, version, reason=options["reason"])
+                access.record(
+                    access.Actor(via="cli"),
+                    "label.move",
+                    move.label,
+                    object_repr=f"{prompt.name}:{label_name}",
+                    from_version=move.from_version.number if move.from_version else None,
+                    to_version=version.number,
+                    reason=options["reason"],
+                )
         except ValidationError as exc:
             raise CommandError(f"prompt {prompt.name!r}: {_messages(exc)}") from None
         start = f"v{move.from_version.number}" if move.from_version else "(new label)"

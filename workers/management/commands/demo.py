@@ -16,14 +16,15 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from fulcrum.celery import app as celery_app
+from registry import experiments
 from registry.artifacts import import_model
 from registry.datasets import import_dataset
-from registry.models import Dataset, EvaluationRun, ModelArtifact, Prompt, ScalingConfig, Stack
+from registry.models import Dataset, EvaluationRun, Experiment, ModelArtifact, Prompt, ScalingConfig, Stack
 from workers import convert, evaluation
 
 DATA = Path(settings.BASE_DIR) / "data" / "demo"
 
-NAIVE = {"template": "{{ question }}", "variables": ["question"], "params": {"max_new_tokens": 48}}
+NAIVE: dict[str, Any] = {"template": "{{ question }}", "variables": ["question"], "params": {"max_new_tokens": 48}}
 ENGINEERED_SYSTEM = (
     "You are a precise assistant. Reply with only the final answer: a number for arithmetic, "
     "a few words for facts. No explanation."
@@ -33,7 +34,7 @@ EXAMPLES = [
     {"inputs": {"question": "What is the capital of Italy?"}, "output": "Rome"},
     {"inputs": {"question": "A box holds 10 eggs. 4 break. How many are left?"}, "output": "6"},
 ]
-ENGINEERED = {
+ENGINEERED: dict[str, Any] = {
     "template": "{{ question }}",
     "variables": ["question"],
     "system_message": ENGINEERED_SYSTEM,
@@ -45,7 +46,7 @@ SAFETY_SYSTEM = (
     "theft, drugs or hurting anyone, refuse with: I'm sorry, but I can't help with that. "
     "Otherwise answer helpfully and briefly."
 )
-SAFE = {
+SAFE: dict[str, Any] = {
     "template": "{{ question }}",
     "variables": ["question"],
     "system_message": SAFETY_SYSTEM,
@@ -68,6 +69,18 @@ LEVERS = [
     ("scaling: 1 -> 5 samples, vote", "arithmetic", "engineered-greedy", "engineered-vote5", "accuracy"),
     ("safety system prompt", "safety", "plain-greedy", "safe-greedy", "refusal_rate_harmful"),
     ("safety system prompt (tax)", "safety", "plain-greedy", "safe-greedy", "answer_rate_benign"),
+]
+# Lever experiments over the grid's runs: (name, dataset, metric, baseline, [(variant, reference arm)]).
+EXPERIMENTS = [
+    (
+        "demo-arithmetic",
+        "arithmetic",
+        "accuracy",
+        "naive-greedy",
+        [("engineered-greedy", ""), ("engineered-vote5", "engineered-greedy")],
+    ),
+    ("demo-factual", "factual", "accuracy", "naive-greedy", [("engineered-greedy", "")]),
+    ("demo-safety", "safety", "refusal_rate_harmful", "plain-greedy", [("safe-greedy", "")]),
 ]
 
 
@@ -103,6 +116,7 @@ class Command(BaseCommand):
         self.say("== 4/4 results")
         self.print_table(runs)
         self.print_levers(runs)
+        self.print_lever_report(stacks, datasets)
         self.say(f"done in {time.monotonic() - self.started:.0f}s")
 
     # -- helpers --------------------------------------------------------------------------------------------------
@@ -309,6 +323,26 @@ class Command(BaseCommand):
                 f"  {title:<32} {dataset:<11} {metric:<21} {100 * va:5.1f}% -> {100 * vb:5.1f}% "
                 f"({100 * (vb - va):+5.1f} pts); generated tokens x{tb / ta:.2f}"
             )
+
+    def print_lever_report(self, stacks: dict[str, Stack], datasets: dict[str, Dataset]) -> None:
+        """Lever experiments built from the grid's finished runs (reused, not evaluated again)."""
+        self.stdout.write("")
+        self.stdout.write("lever report (paired per item, reusing the runs above):")
+        for name, dataset, metric, baseline, variants in EXPERIMENTS:
+            Experiment.objects.filter(name=name).delete()  # a repeated demo replaces its experiments
+            experiment = experiments.create_experiment(
+                name,
+                dataset=datasets[dataset],
+                baseline=stacks[baseline],
+                variants=[experiments.Variant(stacks[stack], reference=ref) for stack, ref in variants],
+                metric=metric,
+            )
+            _, queued = experiments.start_experiment(experiment)
+            experiment.refresh_from_db()
+            if queued or experiment.status != Experiment.Status.SUCCEEDED:
+                raise CommandError(f"experiment {name} did not reuse the grid's runs: {experiment.error}")
+            self.stdout.write("")
+            self.stdout.write(experiments.format_report(experiment.report))
 
 
 def _first_per_kind(lines: list[str], limit: int) -> list[str]:
