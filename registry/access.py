@@ -154,7 +154,7 @@ def authenticate_token(raw: str) -> ApiToken | None:
         return None
     if not hmac.compare_digest(token.digest, _digest(raw)) or not token.is_active:
         return None
-    token.user._fulcrum_roles = [role for role in ROLE_ORDER if getattr(token, f"has_{role}")]
+    token.user._fulcrum_roles = [role for role in ROLE_ORDER if getattr(token, f"has_{role}")]  # type: ignore[attr-defined]
     now = timezone.now()
     if token.last_used_at is None or now - token.last_used_at > LAST_USED_RESOLUTION:
         ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)

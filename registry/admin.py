@@ -1454,3 +1454,6 @@ class AuditEntryAdmin(ReadOnlyAdmin):
 class TagAdmin(AuditedModelAdmin):
     list_display = ("name",)
     search_fields = ("name",)
+
+
+from . import admin_experiments  # noqa: E402,F401  lever experiments, schedules and the report page

@@ -58,9 +58,8 @@ def _translate(exc: Exception) -> Exception:
     if isinstance(exc, PromptTemplateError | DatasetImportError):
         return exceptions.ValidationError({"non_field_errors": [str(exc)]})
     if isinstance(exc, ProtectedError | RestrictedError):
-        users = sorted(
-            {str(obj) for obj in list(getattr(exc, "protected_objects", None) or getattr(exc, "restricted_objects", []))[:5]}
-        )
+        blocking = getattr(exc, "protected_objects", None) or getattr(exc, "restricted_objects", [])
+        users = sorted({str(obj) for obj in list(blocking)[:5]})
         return Conflict(f"still in use by {', '.join(users)}; remove those first", code="in_use")
     if isinstance(exc, IntegrityError):
         # A unique constraint that a concurrent request satisfied first.

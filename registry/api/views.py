@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from typing import Any
 
 from django.conf import settings
@@ -21,7 +22,7 @@ from rest_framework.views import APIView
 
 from fulcrum import metrics
 from registry import access, diffing, promotion, reports
-from registry.datasets import DatasetImportError, check_target, find_conflict, parse_dataset, store_dataset
+from registry.datasets import DatasetImportError, import_dataset
 from registry.models import (
     ANY_VERSION,
     ApiToken,
@@ -523,29 +524,19 @@ class DatasetViewSet(CrudViewSet):
         data = upload.validated_data
         scoring = {"scorer": data["scorer"], "scorer_pattern": data.get("scorer_pattern", "")}
         source: Any = data.get("file")
-        if source is not None and source.size > MAX_UPLOAD_BYTES:
-            raise PayloadTooLarge(f"the file is {source.size} bytes; the limit is {MAX_UPLOAD_BYTES}")
         if source is None:
-            source = data["content"]
+            source = io.StringIO(data["content"])
+            source.name = f"content.{data['format']}"
+        elif source.size > MAX_UPLOAD_BYTES:
+            raise PayloadTooLarge(f"the file is {source.size} bytes; the limit is {MAX_UPLOAD_BYTES}")
         try:
-            check_target(data["name"], **scoring)
-            if isinstance(source, str):
-                from io import StringIO
-
-                stream = StringIO(source)
-                stream.name = f"content.{data['format']}"
-                items = parse_dataset(stream, fmt=data["format"])
-            else:
-                items = parse_dataset(source, fmt=data.get("format"))
-            conflict = find_conflict(items, name=data["name"], **scoring)
-            if conflict is not None:
-                raise DatasetImportError(
-                    f"{conflict} already holds this content with scorer {conflict.scorer!r}; score it the same way "
-                    "or pick another name"
-                )
             with transaction.atomic():
-                dataset, created = store_dataset(
-                    items, name=data["name"], description=data.get("description", ""), **scoring
+                dataset, created = import_dataset(
+                    source,
+                    name=data["name"],
+                    fmt=data.get("format"),
+                    description=data.get("description", ""),
+                    **scoring,
                 )
                 if "tags" in data:
                     dataset.tags.set(Tag.get_many(data["tags"]))

@@ -50,7 +50,7 @@ SAFE: dict[str, Any] = {
     "template": "{{ question }}",
     "variables": ["question"],
     "system_message": SAFETY_SYSTEM,
-    "params": {"max_new_tokens": 32},
+    "params": {"max_new_tokens": 24},
 }
 
 # (stack, dataset) pairs of the grid: prompt lever, scaling lever, safety lever.
@@ -159,7 +159,7 @@ class Command(BaseCommand):
         plain, _ = safety.create_version(
             template="{{ question }}",
             variables=["question"],
-            params={"max_new_tokens": 32},
+            params={"max_new_tokens": 24},
             commit_message="plain: the model's own default system prompt",
         )
         safe, _ = safety.create_version(**SAFE, parent=plain, commit_message="safety system prompt")
