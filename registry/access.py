@@ -17,7 +17,6 @@ from typing import Any
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, Group, Permission
 from django.core.exceptions import PermissionDenied
 from django.db import models
-from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from .models import ApiToken, AuditEntry, Role
@@ -64,9 +63,7 @@ def role_of(user: AbstractBaseUser | AnonymousUser | None) -> str | None:
         return None
     if getattr(user, "is_superuser", False):
         return Role.ADMIN
-    names = getattr(user, "_fulcrum_roles", None)  # set by authenticate_token, from the token's own query
-    if names is None:
-        names = list(user.groups.values_list("name", flat=True))  # type: ignore[union-attr,attr-defined]
+    names = set(user.groups.values_list("name", flat=True))  # type: ignore[union-attr,attr-defined]
     held = [role for role in ROLE_ORDER if role in names]
     return held[-1] if held else None
 
@@ -146,15 +143,12 @@ def authenticate_token(raw: str) -> ApiToken | None:
     prefix, _, secret = raw[len(TOKEN_PREFIX) :].partition("_")
     if not prefix or not secret or len(prefix) > 16:
         return None
-    # One query for the token, its user and the user's role groups: the serving endpoint runs this per request.
-    flags = {f"has_{role}": Exists(Group.objects.filter(user=OuterRef("user_id"), name=role)) for role in ROLE_ORDER}
     try:
-        token = ApiToken.objects.select_related("user").annotate(**flags).get(prefix=prefix)
+        token = ApiToken.objects.select_related("user").get(prefix=prefix)
     except ApiToken.DoesNotExist:
         return None
     if not hmac.compare_digest(token.digest, _digest(raw)) or not token.is_active:
         return None
-    token.user._fulcrum_roles = [role for role in ROLE_ORDER if getattr(token, f"has_{role}")]  # type: ignore[attr-defined]
     now = timezone.now()
     if token.last_used_at is None or now - token.last_used_at > LAST_USED_RESOLUTION:
         ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)

@@ -57,18 +57,14 @@ def test_import_platform_from_the_repository_root_gives_the_stdlib() -> None:
 )
 def test_it_refuses_to_start_with_a_bad_setting(name: str, value: str, message: str) -> None:
     env = {**os.environ, name: value, "DJANGO_SETTINGS_MODULE": "fulcrum.settings"}
-    proc = subprocess.run(
-        [sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode != 0
     assert message in proc.stderr
 
 
 def test_production_mode_requires_a_secret_key() -> None:
     env = {**os.environ, "FULCRUM_DEBUG": "0", "SECRET_KEY": ""}
-    proc = subprocess.run(
-        [sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "SECRET_KEY must be set" in proc.stderr
 

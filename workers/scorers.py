@@ -196,8 +196,7 @@ _CHOICE_ANSWER: Final = re.compile(
     r"(?:option\s+|choice\s+|letter\s+)?)" + _LETTER_AFTER_MARKER
 )
 _CHOICE_OPTION: Final = re.compile(
-    r"(?i:\b(?:correct|right|best)\s+(?:option|choice|letter)\s*(?:is|would\s+be)?\s*[:=]?\s*)"
-    + _LETTER_AFTER_MARKER
+    r"(?i:\b(?:correct|right|best)\s+(?:option|choice|letter)\s*(?:is|would\s+be)?\s*[:=]?\s*)" + _LETTER_AFTER_MARKER
 )
 _CHOICE_PARENTHESISED: Final = re.compile(r"[(\[]\s*(?P<letter>[A-Ea-e])\s*[)\]]")
 _CHOICE_LINE_START: Final = re.compile(
@@ -397,9 +396,7 @@ def score_exact(output: str, expected: str, *, pattern: str | None = None) -> Sc
     targets = [target for target in targets if target]
     correct: bool | None = None
     if targets:
-        correct = bool(answer) and any(
-            answer == target or _contains_span(answer, target) for target in targets
-        )
+        correct = bool(answer) and any(answer == target or _contains_span(answer, target) for target in targets)
     return ScoreResult(answer=answer, correct=correct, refused=is_refusal(output))
 
 

@@ -51,6 +51,7 @@ def fuzz_headers(
     deadline=None,
     suppress_health_check=list(HealthCheck),
     derandomize=True,
+    database=None,
     print_blob=True,
 )
 def test_no_input_causes_a_server_error(case: Any, fuzz_headers: dict[str, str]) -> None:

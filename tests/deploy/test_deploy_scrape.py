@@ -36,8 +36,8 @@ from workers import convert, evaluation
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# Declared by every target but recorded only by a feature not built yet (the regression check): Prometheus must
-# know it (metadata); samples come later.
+# Declared by every target but recorded only when a scheduled run regresses, which a healthy stack never does:
+# Prometheus must know it (metadata); tests/experiments covers a run that records it.
 DECLARED_ONLY = {"fulcrum_evaluation_regressions_total"}
 SCRAPES = ROOT / "var" / "deploy-tests"
 

@@ -128,13 +128,13 @@ def memory_probe(folder: Path, n: int, new_tokens: int, threads: int, provider: 
     A fresh process per configuration measures what that configuration needs on its own, not what the
     benchmark's other models happen to hold.
     """
-    import resource
-
     engine = Engine(folder, provider=provider, threads=threads)
     prompt = engine.tokenizer.encode(engine.render(benchmark_conversations(1)[0]))
     params = SamplingParams(n=n, temperature=0.7 if n > 1 else 0.0, max_new_tokens=new_tokens, ignore_eos=True)
     engine.generate_ids([prompt], params)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    # VmHWM is this process image's own peak (ru_maxrss would also count the parent's pages inherited at fork).
+    status = Path("/proc/self/status").read_text()
+    print(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
     return 0
 
 
@@ -195,15 +195,21 @@ def main(argv: list[str] | None = None) -> int:
         # Optimum runs its own export as it comes, without Fulcrum's graph rewrites.
         convert.export_onnx(hf_dir, plain_dir, progress=lambda m: print("  " + m))
 
-    engine = Engine(onnx_dir, provider=args.provider, threads=args.threads)
+    # ONNX Runtime's idle threads would otherwise spin and starve PyTorch's threads in this shared process.
+    engine = Engine(onnx_dir, provider=args.provider, threads=args.threads, spin=False)
     device = "cuda" if engine.provider == "cuda" else "cpu"
     model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).to(device).eval()  # type: ignore[arg-type]
     ort_model: Any = None
     if not args.skip_optimum:
+        import onnxruntime as ort
         from optimum.onnxruntime import ORTModelForCausalLM
 
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = args.threads
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         ort_model = ORTModelForCausalLM.from_pretrained(
             plain_dir,
+            session_options=session_options,
             provider="CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider",
             use_io_binding=device == "cuda",
         )

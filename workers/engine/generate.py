@@ -94,10 +94,11 @@ class Engine:
         threads: int = 0,
         max_rows: int = 0,
         io_binding: bool | None = None,
+        spin: bool = True,
     ):
         self.folder = Path(folder)
         self.tokenizer = ChatTokenizer.from_folder(self.folder)
-        self.session, self.provider = create_session(self.folder / "model.onnx", provider, threads)
+        self.session, self.provider = create_session(self.folder / "model.onnx", provider, threads, spin)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._kv_names = sorted(
             (n for n in inputs if n.startswith("past_key_values.")),

