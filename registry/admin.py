@@ -76,6 +76,15 @@ def _pretty_json(value: Any) -> SafeString:
     return _pre(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True))
 
 
+def _adopt(obj: Any, stored: Any) -> None:
+    """Make the admin's unsaved `obj` the row a domain function stored, so the admin's log entry and redirect
+    that follow `save_model` point at that row."""
+    for field in type(stored)._meta.concrete_fields:
+        setattr(obj, field.attname, getattr(stored, field.attname))
+    obj._state.adding = False
+    obj._state.db = stored._state.db
+
+
 def _short(text: str, limit: int = 80) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -481,10 +490,7 @@ class PromptVersionAdmin(DeletesReadOnlyChildren, AuditedModelAdmin):
             created_by=request.user,
         )
         # The admin goes on with `obj` (log entry, redirect): make it the stored version.
-        for field in PromptVersion._meta.concrete_fields:
-            setattr(obj, field.attname, getattr(version, field.attname))
-        obj._state.adding = False
-        obj._state.db = version._state.db
+        _adopt(obj, version)
         if not created:
             self.message_user(
                 request,
@@ -991,10 +997,7 @@ class DatasetAdmin(DeletesReadOnlyChildren, AuditedModelAdmin):
             )
         except DatasetImportError as exc:  # only when a concurrent import got there first
             raise PermissionDenied(str(exc)) from None
-        for field in Dataset._meta.concrete_fields:
-            setattr(obj, field.attname, getattr(dataset, field.attname))
-        obj._state.adding = False
-        obj._state.db = dataset._state.db
+        _adopt(obj, dataset)
         if not created:
             self.message_user(
                 request,
@@ -1381,10 +1384,7 @@ class ApiTokenAdmin(AuditedModelAdmin):
         if obj.scope == ApiToken.Scope.WRITE and not access.has_role(user, "editor"):
             raise PermissionDenied(f"{user} has no editor role: a write token would be useless")
         token, raw = access.create_token(user, obj.name, obj.scope, expires_at=obj.expires_at)
-        for field in ApiToken._meta.concrete_fields:
-            setattr(obj, field.attname, getattr(token, field.attname))
-        obj._state.adding = False
-        obj._state.db = token._state.db
+        _adopt(obj, token)
         self.message_user(request, f"Token {token.name}: {raw} — copy it now, it is not shown again.", messages.WARNING)
 
     @admin.display(boolean=True, description="active")

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
+from registry.models import ModelArtifact
+from workers import convert
 from workers.engine import Engine
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -113,3 +115,18 @@ def tiny_onnx_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_onnx_dir: Path) -> Engine:
     return Engine(tiny_onnx_dir, provider="cpu", threads=1)
+
+
+@pytest.fixture
+def artifact(tiny_onnx_dir: Path) -> ModelArtifact:
+    """The tiny ONNX artifact registered in the database (the test must have database access)."""
+    built = convert.load_converted(tiny_onnx_dir)
+    return ModelArtifact.objects.create(
+        name="tiny",
+        sha256=built.sha256,
+        path=str(tiny_onnx_dir),
+        parameter_count=built.parameter_count,
+        source_kind="onnx",
+        source_path=str(tiny_onnx_dir),
+        source_sha256=built.sha256,
+    )

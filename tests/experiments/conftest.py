@@ -3,26 +3,10 @@
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 
 import pytest
 
-from registry.models import ModelArtifact, Prompt
-from workers import convert
-
-
-@pytest.fixture
-def artifact(tiny_onnx_dir: Path) -> ModelArtifact:
-    built = convert.load_converted(tiny_onnx_dir)
-    return ModelArtifact.objects.create(
-        name="tiny",
-        sha256=built.sha256,
-        path=str(tiny_onnx_dir),
-        parameter_count=built.parameter_count,
-        source_kind="onnx",
-        source_path=str(tiny_onnx_dir),
-        source_sha256=built.sha256,
-    )
+from registry.models import Prompt
 
 
 @pytest.fixture

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import socket
 import time
-from pathlib import Path
 
 import pytest
 
 from fulcrum.celery import app
 from registry.models import Dataset, DatasetItem, ModelArtifact, Prompt, ScalingConfig, Stack
-from workers import convert, evaluation
+from workers import evaluation
 from workers.tasks import run_evaluation
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -28,19 +27,10 @@ def reachable(port: int) -> bool:
 
 
 @pytest.mark.parametrize("broker", sorted(BROKERS))
-def test_a_worker_evaluates_a_run_over_the_broker(broker: str, tiny_onnx_dir: Path, worker_process) -> None:  # type: ignore[no-untyped-def]
+def test_a_worker_evaluates_a_run_over_the_broker(broker: str, artifact: ModelArtifact, worker_process) -> None:  # type: ignore[no-untyped-def]
     url, port = BROKERS[broker]
     if not reachable(port):
         pytest.fail(f"{broker} is not running on 127.0.0.1:{port}; `make test` starts the local services")
-    built = convert.load_converted(tiny_onnx_dir)
-    artifact = ModelArtifact.objects.create(
-        name="tiny",
-        sha256=built.sha256,
-        path=str(tiny_onnx_dir),
-        source_kind="onnx",
-        source_path=str(tiny_onnx_dir),
-        source_sha256=built.sha256,
-    )
     dataset = Dataset.objects.create(name=f"tiny-{broker}", content_hash=broker * 4, item_count=3)
     for i in range(3):
         DatasetItem.objects.create(dataset=dataset, index=i, key=str(i), inputs={"question": f"q{i}"}, expected="a")

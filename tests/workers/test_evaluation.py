@@ -9,23 +9,9 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from registry.models import Dataset, DatasetItem, EvaluationRun, ModelArtifact, Prompt, ScalingConfig, Stack
-from workers import convert, evaluation, tasks
+from workers import evaluation, tasks
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def artifact(tiny_onnx_dir: Path) -> ModelArtifact:
-    built = convert.load_converted(tiny_onnx_dir)
-    return ModelArtifact.objects.create(
-        name="tiny",
-        sha256=built.sha256,
-        path=str(tiny_onnx_dir),
-        parameter_count=built.parameter_count,
-        source_kind="onnx",
-        source_path=str(tiny_onnx_dir),
-        source_sha256=built.sha256,
-    )
 
 
 @pytest.fixture
