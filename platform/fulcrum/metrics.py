@@ -177,16 +177,11 @@ ALL_METRICS = (
 # --- recording helpers -------------------------------------------------------------------------------------------
 
 
-class _Sample(Protocol):
-    @property
-    def token_ids(self) -> Sequence[int]: ...
-
-
 class _Generation(Protocol):
     """What workers.engine's Generation offers (metrics imports no engine code)."""
 
     @property
-    def samples(self) -> Sequence[_Sample]: ...
+    def samples(self) -> Sequence[object]: ...
     @property
     def prompt_tokens(self) -> int: ...
     @property
@@ -195,6 +190,8 @@ class _Generation(Protocol):
     def ttft_s(self) -> float: ...
     @property
     def generated_tokens(self) -> int: ...
+    @property
+    def time_per_output_token_s(self) -> float: ...
 
 
 def record_generation(provider: str, gen: _Generation) -> None:
@@ -204,9 +201,9 @@ def record_generation(provider: str, gen: _Generation) -> None:
     PROMPT_TOKENS.labels(provider=provider).inc(gen.prompt_tokens)
     GENERATED_TOKENS.labels(provider=provider).inc(gen.generated_tokens)
     SAMPLES_PER_REQUEST.labels(provider=provider).observe(len(gen.samples))
-    longest = max((len(s.token_ids) for s in gen.samples), default=0)
-    if longest > 1 and gen.latency_s > gen.ttft_s:
-        TIME_PER_OUTPUT_TOKEN.labels(provider=provider).observe((gen.latency_s - gen.ttft_s) / (longest - 1))
+    # 0 when there is no decode step to time (a single token, or no time after the first token).
+    if gen.time_per_output_token_s > 0:
+        TIME_PER_OUTPUT_TOKEN.labels(provider=provider).observe(gen.time_per_output_token_s)
 
 
 def artifact_label(artifact: Any) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -16,33 +15,20 @@ from prometheus_client import CollectorRegistry
 from fulcrum import collectors, metrics
 from fulcrum.celery import app
 from registry.models import Dataset, EvaluationRun, ModelArtifact, Prompt, ScalingConfig, Stack
+from workers.engine import Generation, Sample
 
 
 def value(name: str, labels: dict[str, str], registry: CollectorRegistry | None = None) -> float:
     return (registry or metrics.registry()).get_sample_value(name, labels) or 0.0
 
 
-@dataclass
-class FakeSample:
-    token_ids: list[int]
-
-
-@dataclass
-class FakeGeneration:
-    samples: list[FakeSample]
-    prompt_tokens: int
-    latency_s: float
-    ttft_s: float
-    extra: list[int] = field(default_factory=list)
-
-    @property
-    def generated_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.samples)
+def sample(tokens: int) -> Sample:
+    return Sample(text="", token_ids=[1] * tokens, mean_logprob=0.0, finish_reason="length")
 
 
 def test_a_generation_records_latency_tokens_samples_and_time_per_output_token() -> None:
     provider = f"test-{uuid.uuid4().hex[:6]}"  # a label value of this test's own
-    gen = FakeGeneration([FakeSample([1] * 5), FakeSample([1] * 3)], prompt_tokens=7, latency_s=1.0, ttft_s=0.2)
+    gen = Generation([sample(5), sample(3)], prompt_tokens=7, latency_s=1.0, ttft_s=0.2)
     metrics.record_generation(provider, gen)
     labels = {"provider": provider}
     assert value("fulcrum_inference_samples_per_request_sum", labels) == 2
@@ -52,14 +38,14 @@ def test_a_generation_records_latency_tokens_samples_and_time_per_output_token()
     assert value("fulcrum_inference_time_per_output_token_seconds_sum", labels) == pytest.approx(0.2)
     assert value("fulcrum_inference_time_to_first_token_seconds_bucket", {**labels, "le": "0.25"}) == 1
     # A one-token answer has no decode time to divide.
-    metrics.record_generation(provider, FakeGeneration([FakeSample([1])], 3, 0.3, 0.3))
+    metrics.record_generation(provider, Generation([sample(1)], 3, 0.3, 0.3))
     assert value("fulcrum_inference_time_per_output_token_seconds_count", labels) == 1
 
 
 def test_usage_charges_worker_seconds_and_money_to_stack_and_artifact() -> None:
     stack = f"s-{uuid.uuid4().hex[:6]}"
     art = ModelArtifact(name="m", sha256="ab" * 32, price_per_1k_tokens=Decimal("0.5"))
-    gens = [FakeGeneration([FakeSample([1] * 10)], 90, 1.0, 0.1), FakeGeneration([FakeSample([1] * 100)], 800, 2, 1)]
+    gens = [Generation([sample(10)], 90, 1.0, 0.1), Generation([sample(100)], 800, 2, 1)]
     metrics.record_usage(stack=stack, artifact=art, engine_seconds=1.5, generations=gens)
     labels = {"stack": stack, "artifact": "m@abababab"}
     assert value("fulcrum_inference_worker_seconds_total", labels) == 1.5
