@@ -184,6 +184,24 @@ class Actor:
         require_role(self.user, role, self.token, action=action)
 
 
+@dataclass(frozen=True)
+class OperatorActor(Actor):
+    """Whoever runs management commands on the machine: trusted with every role, as `manage.py prompt label` is.
+
+    Used for work a command started without naming a user (an optimisation job's label move); policies' gates
+    still apply and everything is audited with `via` (cli).
+    """
+
+    via: str = "cli"
+
+    @property
+    def role(self) -> str | None:
+        return Role.ADMIN
+
+    def require(self, role: str, action: str = "do this") -> None:
+        return None
+
+
 def record(
     actor: Actor,
     action: str,

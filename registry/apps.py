@@ -9,6 +9,8 @@ class RegistryConfig(AppConfig):
 
     def ready(self) -> None:
         from . import access, experiments, signals
+        from .optimisation import jobs
 
-        _ = signals, experiments  # connect the admin-to-audit-log handler and the run-finished/label-moved hooks
+        # Connect the admin-to-audit-log handler and the run-finished/label-moved hooks.
+        _ = signals, experiments, jobs
         post_migrate.connect(access.ensure_roles, sender=self, dispatch_uid="registry-ensure-roles")

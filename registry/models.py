@@ -26,6 +26,7 @@ from jinja2 import TemplateSyntaxError, nodes
 from fulcrum import metrics
 
 from . import prompting
+from .optimisation import operators
 
 
 def canonical_hash(payload: Any) -> str:
@@ -588,6 +589,14 @@ class EvaluationRun(models.Model):
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING, db_index=True)
     items_total = models.PositiveIntegerField(default=0)
     items_done = models.PositiveIntegerField(default=0)
+    # A run may measure part of a dataset (an optimisation job's search rungs and held-out split): the keys of the
+    # items it evaluates, sorted, and their hash, by which runs of the same part are found and reused.
+    item_keys = models.JSONField(
+        default=list, blank=True, help_text="evaluate only the items with these keys (sorted); empty: every item"
+    )
+    item_subset_hash = models.CharField(
+        max_length=64, blank=True, db_index=True, editable=False, help_text="sha256 of item_keys; blank: every item"
+    )
     provider = models.CharField(max_length=50, blank=True, help_text="ONNX Runtime execution provider that ran")
     summary = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
@@ -608,6 +617,15 @@ class EvaluationRun(models.Model):
     @property
     def progress(self) -> float:
         return self.items_done / self.items_total if self.items_total else 0.0
+
+    @property
+    def is_subset(self) -> bool:
+        return bool(self.item_subset_hash)
+
+    @staticmethod
+    def subset_hash(keys: list[str]) -> str:
+        """The hash of a sorted list of item keys ("" for no list: the whole dataset)."""
+        return canonical_hash(sorted(keys)) if keys else ""
 
 
 class ItemResult(models.Model):
@@ -889,3 +907,194 @@ class ScheduledRun(models.Model):
     def __str__(self) -> str:
         flag = " REGRESSION" if self.regression else ""
         return f"{self.schedule.name} run {self.run_id} ({self.trigger}){flag}"
+
+
+# --- Prompt optimisation (registry/optimisation/) --------------------------------------------------------------
+
+
+class OptimisationJob(models.Model):
+    """Search prompt candidates derived from a starting version, under a budget, and prove the winner.
+
+    The dataset is split by seeded hashing of item keys into a search part (with a small pool of few-shot
+    examples) and a held-out part; candidates compete by successive halving on the search part through
+    evaluation runs of the base stack's scaling and artifact; the best is compared with the starting version on
+    the held-out part, item by item. The winner becomes a new version of the prompt; `move_label` moves only
+    when the held-out gain is positive and significant (registry/optimisation/jobs.py).
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    class Phase(models.TextChoices):
+        PROBE = "probe", "the starting version on the few-shot pool"
+        GENERATE = "generate", "generating candidates"
+        SEARCH = "search", "successive halving on the search split"
+        SAFETY = "safety", "the safety floor"
+        HOLDOUT = "holdout", "the held-out comparison"
+        DONE = "done"
+
+    FINISHED = {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED}
+    FAMILIES = operators.FAMILIES
+
+    name = models.SlugField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    base_stack = models.ForeignKey(
+        Stack, on_delete=models.PROTECT, related_name="optimisations", help_text="gives the scaling and artifact"
+    )
+    start_version = models.ForeignKey(PromptVersion, on_delete=models.PROTECT, related_name="optimisations_started")
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="optimisations")
+    metric = models.CharField(max_length=30, choices=Experiment.Metric.choices, default=Experiment.Metric.ACCURACY)
+    # The split: seeded hashing of item keys; the keys of each part are recorded in `split` when the job starts.
+    holdout_fraction = models.FloatField(default=0.5)
+    split_seed = models.PositiveIntegerField(default=0)
+    pool_size = models.PositiveSmallIntegerField(default=8, help_text="search items set aside as few-shot examples")
+    split = models.JSONField(default=dict, blank=True, editable=False, help_text="search, pool and holdout keys")
+    # The budget: item evaluations and/or generated tokens, everything included (probe, search, safety, held-out).
+    budget_items = models.PositiveIntegerField(null=True, blank=True)
+    budget_tokens = models.PositiveBigIntegerField(null=True, blank=True)
+    # Candidate generation and the search.
+    operators = models.JSONField(
+        default=list, blank=True, help_text="operator families: instruction, fewshot, meta, combine"
+    )
+    max_candidates = models.PositiveSmallIntegerField(default=8, help_text="candidates besides the starting version")
+    eta = models.PositiveSmallIntegerField(default=2, help_text="successive halving keeps 1/eta per rung")
+    first_items = models.PositiveSmallIntegerField(default=8, help_text="search items per candidate in rung 0")
+    examples_k = models.PositiveSmallIntegerField(default=3, help_text="worked examples per few-shot candidate")
+    meta_proposals = models.PositiveSmallIntegerField(default=4, help_text="rewrites the model is asked for")
+    seed = models.PositiveIntegerField(default=0, help_text="candidate generation and bootstrap seed")
+    # The optional safety floor: the winner must keep these rates on a dataset of harmful and benign items.
+    safety_dataset = models.ForeignKey(
+        Dataset, null=True, blank=True, on_delete=models.PROTECT, related_name="safety_optimisations"
+    )
+    min_refusal_rate = models.FloatField(null=True, blank=True, help_text="on the safety dataset's harmful items")
+    min_answer_rate = models.FloatField(null=True, blank=True, help_text="on the safety dataset's benign items")
+    # The held-out comparison and what may follow it.
+    alpha = models.FloatField(default=0.05, help_text="the held-out gain must have a p-value below this")
+    confidence = models.FloatField(default=0.95)
+    resamples = models.PositiveIntegerField(default=10_000, help_text="bootstrap resamples")
+    move_label = models.CharField(
+        max_length=50, blank=True, help_text="point this label at the winner if its held-out gain is significant"
+    )
+    label_expected = models.ForeignKey(
+        PromptVersion,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="where move_label pointed when the job was created: it moves only if it still points there",
+    )
+    label_moved = models.BooleanField(default=False)
+    # Progress.
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING, db_index=True)
+    phase = models.CharField(max_length=20, choices=Phase.choices, default=Phase.PROBE)
+    state = models.JSONField(default=dict, blank=True, editable=False, help_text="the search's rungs and spending")
+    cancel_requested = models.BooleanField(default=False)
+    report = models.JSONField(default=dict, blank=True)
+    winner = models.ForeignKey(
+        PromptVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="optimisations_won"
+    )
+    error = models.TextField(blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_via = models.CharField(max_length=10, default="api", help_text="api, admin or cli")
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"optimisation {self.name}: {self.start_version} on {self.dataset.name} [{self.status}]"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in self.FINISHED
+
+    def clean(self) -> None:
+        if not 0 < self.holdout_fraction < 1:
+            raise ValidationError("holdout_fraction must be between 0 and 1")
+        if self.budget_items is None and self.budget_tokens is None:
+            raise ValidationError("a job needs a budget: budget_items and/or budget_tokens")
+        if self.eta < 2:
+            raise ValidationError("eta must be at least 2")
+        if self.first_items < 1 or self.max_candidates < 1:
+            raise ValidationError("first_items and max_candidates must be at least 1")
+        if not isinstance(self.operators, list) or not self.operators:
+            raise ValidationError(f"operators must be a non-empty list of {', '.join(self.FAMILIES)}")
+        unknown = [o for o in self.operators if o not in self.FAMILIES]
+        if unknown:
+            raise ValidationError(f"unknown operator famil(ies) {unknown}; known: {', '.join(self.FAMILIES)}")
+        if not 0 < self.alpha < 1:
+            raise ValidationError("alpha must be between 0 and 1")
+        if not 0.5 <= self.confidence < 1:
+            raise ValidationError("confidence must be in [0.5, 1)")
+        for field in ("min_refusal_rate", "min_answer_rate"):
+            value = getattr(self, field)
+            if value is not None and not 0 <= value <= 1:
+                raise ValidationError(f"{field} must be between 0 and 1")
+        floor = self.min_refusal_rate is not None or self.min_answer_rate is not None
+        if floor != (self.safety_dataset_id is not None):
+            raise ValidationError("a safety floor needs both a safety dataset and a minimum rate")
+        if self.move_label and not PromptLabel.NAME_RE.fullmatch(self.move_label):
+            raise ValidationError(f"label {self.move_label!r} must be lower-case letters, digits, '-' or '_'")
+        if self.base_stack_id and self.base_stack.scaling.aggregation == ScalingConfig.Aggregation.PROMPT_ENSEMBLE:
+            raise ValidationError("the base stack ensembles several prompts; an optimisation varies one")
+
+
+class OptimisationCandidate(models.Model):
+    """One prompt candidate of a job (position 0 is the starting version): how it was made and how it scored."""
+
+    job = models.ForeignKey(OptimisationJob, on_delete=models.CASCADE, related_name="candidates")
+    position = models.PositiveSmallIntegerField()
+    version = models.ForeignKey(PromptVersion, on_delete=models.PROTECT, related_name="optimisation_candidates")
+    stack = models.ForeignKey(Stack, on_delete=models.PROTECT, related_name="optimisation_candidates")
+    family = models.CharField(max_length=20, help_text="start, instruction, fewshot, meta or combine")
+    operator = models.CharField(max_length=100, help_text="e.g. instruction:answer_format, fewshot:similar, meta")
+    params = models.JSONField(default=dict, blank=True)
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children")
+    scores = models.JSONField(default=list, blank=True, help_text="per rung: items, scored, value, tokens per item")
+    last_rung = models.SmallIntegerField(null=True, blank=True, help_text="the deepest rung it was evaluated in")
+    items_evaluated = models.PositiveIntegerField(default=0)
+    tokens = models.PositiveBigIntegerField(default=0, help_text="generated tokens its evaluations cost")
+    safety = models.JSONField(default=dict, blank=True)
+    runs: models.ManyToManyField[EvaluationRun, CandidateRun] = models.ManyToManyField(
+        EvaluationRun, through="CandidateRun", related_name="optimisation_candidates"
+    )
+
+    class Meta:
+        ordering = ["job", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "position"], name="optimisationcandidate_unique_position"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job.name}#{self.position} {self.operator} ({self.version})"
+
+
+class CandidateRun(models.Model):
+    """An evaluation run a candidate used, and what for; `reused`: the run existed already."""
+
+    class Purpose(models.TextChoices):
+        PROBE = "probe"
+        SEARCH = "search"
+        SAFETY = "safety"
+        HOLDOUT = "holdout"
+
+    candidate = models.ForeignKey(OptimisationCandidate, on_delete=models.CASCADE, related_name="run_links")
+    run = models.ForeignKey(EvaluationRun, on_delete=models.PROTECT, related_name="optimisation_links")
+    purpose = models.CharField(max_length=10, choices=Purpose.choices)
+    rung = models.SmallIntegerField(default=0)
+    reused = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["candidate", "purpose", "rung"]
+        constraints = [
+            models.UniqueConstraint(fields=["candidate", "purpose", "rung"], name="candidaterun_unique_use"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.candidate} {self.purpose} {self.rung}: run {self.run_id}"

@@ -88,8 +88,9 @@ def check_gate(policy: LabelPolicy | None, target: PromptVersion, current: Promp
     if policy is None or not policy.gate_dataset:
         return GateResult(True, "no promotion gate")
     metric, dataset = policy.gate_metric, policy.gate_dataset
+    # Only runs of the whole dataset count: a run on part of it (an optimisation rung) measured other items.
     succeeded = EvaluationRun.objects.filter(
-        status=EvaluationRun.Status.SUCCEEDED, dataset__name=dataset
+        status=EvaluationRun.Status.SUCCEEDED, dataset__name=dataset, item_subset_hash=""
     ).select_related("dataset")
     target_run = next(
         (

@@ -38,9 +38,21 @@ class RunNotRunnable(RuntimeError):
 # --- creating and starting runs --------------------------------------------------------------------------------
 
 
-def create_run(stack: Stack, dataset: Dataset) -> EvaluationRun:
-    """A pending run with the prompt version(s) and artifact pinned now (a label may move later)."""
+def create_run(stack: Stack, dataset: Dataset, *, item_keys: Iterable[str] | None = None) -> EvaluationRun:
+    """A pending run with the prompt version(s) and artifact pinned now (a label may move later).
+
+    `item_keys` restricts the run to those items of the dataset (an optimisation job's rungs and held-out split);
+    None evaluates every item.
+    """
     version = stack.resolve_prompt_version()
+    keys = sorted(set(item_keys)) if item_keys is not None else []
+    if item_keys is not None:
+        if not keys:
+            raise RunNotRunnable("a run on a subset of items needs at least one item key")
+        known = set(dataset.items.filter(key__in=keys).values_list("key", flat=True))
+        absent = [k for k in keys if k not in known]
+        if absent:
+            raise RunNotRunnable(f"dataset {dataset.name} has no item(s) {', '.join(absent[:5])}")
     ensemble = (
         list(stack.ensemble_versions.all())
         if stack.scaling.aggregation == ScalingConfig.Aggregation.PROMPT_ENSEMBLE
@@ -61,7 +73,9 @@ def create_run(stack: Stack, dataset: Dataset) -> EvaluationRun:
             dataset=dataset,
             prompt_version=version,
             artifact=stack.effective_artifact(),
-            items_total=dataset.items.count(),
+            items_total=len(keys) if keys else dataset.items.count(),
+            item_keys=keys,
+            item_subset_hash=EvaluationRun.subset_hash(keys),
         )
         run.ensemble_versions.set(ensemble)
     return run
@@ -86,7 +100,10 @@ def plan_chunks(run_id: int) -> list[list[int]]:
             run.started_at = timezone.now()
             run.save(update_fields=["status", "started_at"])
         done = set(run.results.values_list("item_id", flat=True))
-    ids = [i for i in run.dataset.items.order_by("index").values_list("id", flat=True) if i not in done]
+    items = run.dataset.items.order_by("index")
+    if run.item_keys:
+        items = items.filter(key__in=run.item_keys)
+    ids = [i for i in items.values_list("id", flat=True) if i not in done]
     # Whole prompts per chunk: shared-prefix sampling batches an item's N samples together.
     size = max(1, settings.FULCRUM_CHUNK_SIZE)
     chunks = [ids[i : i + size] for i in range(0, len(ids), size)]

@@ -53,3 +53,18 @@ def start_experiment(experiment_id: int) -> tuple[int, int]:
     from registry.models import Experiment
 
     return experiments.start_experiment(Experiment.objects.get(pk=experiment_id))
+
+
+# --- prompt optimisation (registry/optimisation/jobs.py) ---------------------------------------------------------
+
+
+@shared_task(name="fulcrum.step_optimisation", ignore_result=True)
+def step_optimisation(job_id: int) -> str:
+    """Advance an optimisation job as far as it goes without waiting (queued again when its runs finish)."""
+    from registry.optimisation import jobs
+
+    try:
+        return jobs.step(job_id)
+    except Exception as exc:
+        jobs.fail(job_id, f"{type(exc).__name__}: {exc}")
+        raise

@@ -49,7 +49,10 @@ class RunResultsCollector(Collector):
         tax = _gauge("fulcrum_evaluation_alignment_tax_ratio", ["dataset", "stack"])
         finished = _gauge("fulcrum_evaluation_last_finished_timestamp_seconds", ["dataset", "stack"])
         latest = (
-            EvaluationRun.objects.filter(status=EvaluationRun.Status.SUCCEEDED, finished_at__isnull=False)
+            # A run on part of a dataset (an optimisation rung) is not the stack's result on that dataset.
+            EvaluationRun.objects.filter(
+                status=EvaluationRun.Status.SUCCEEDED, finished_at__isnull=False, item_subset_hash=""
+            )
             .annotate(
                 rank=Window(
                     RowNumber(),
@@ -146,11 +149,32 @@ class QueueDepthCollector(Collector):
         return [messages, broker_up]
 
 
+class OptimisationJobsCollector(Collector):
+    """Optimisation jobs still open, by status (pending, running)."""
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        from registry.models import OptimisationJob
+
+        statuses = [OptimisationJob.Status.PENDING, OptimisationJob.Status.RUNNING]
+        counts = dict(
+            OptimisationJob.objects.filter(status__in=statuses)
+            .order_by()
+            .values("status")
+            .annotate(n=Count("id"))
+            .values_list("status", "n")
+        )
+        gauge = _gauge("fulcrum_optimisation_open_jobs", ["status"])
+        for status in statuses:
+            gauge.add_metric([str(status)], counts.get(status, 0))
+        return [gauge]
+
+
 QUEUE_DEPTHS = QueueDepthCollector()
 RUN_RESULTS = RunResultsCollector()
+OPTIMISATION_JOBS = OptimisationJobsCollector()
 
 
 def web_registry(extra: Iterable[Any] = ()) -> CollectorRegistry:
     registry = CollectorRegistry()
-    registry.register(GroupCollector(extra=[RUN_RESULTS, QUEUE_DEPTHS, *extra], web=True))
+    registry.register(GroupCollector(extra=[RUN_RESULTS, QUEUE_DEPTHS, OPTIMISATION_JOBS, *extra], web=True))
     return registry

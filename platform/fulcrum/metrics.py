@@ -90,6 +90,28 @@ REGRESSIONS = Counter(
     ["stack", "dataset", "metric"],
 )
 
+# --- prompt optimisation -------------------------------------------------------------------------------------------
+
+OPTIMISATION_CANDIDATES = Counter(
+    "fulcrum_optimisation_candidates",
+    "Prompt candidates optimisation jobs sent to evaluation, by the operator family that made them (start, "
+    "instruction, fewshot, meta, combine).",
+    ["family"],
+)
+OPTIMISATION_PROPOSALS_DROPPED = Counter(
+    "fulcrum_optimisation_proposals_dropped",
+    "Candidate proposals dropped before evaluation (an invalid template, a duplicate, an unusable model reply), by "
+    "operator family.",
+    ["family"],
+)
+OPTIMISATION_JOBS = Counter("fulcrum_optimisation_jobs", "Optimisation jobs that reached a final status.", ["status"])
+OPTIMISATION_LABEL_MOVES = Counter(
+    "fulcrum_optimisation_label_moves",
+    "Labels optimisation jobs moved to their winner (a significant held-out gain) or left alone, by outcome.",
+    ["outcome"],
+)
+JOB_STATUSES = ("succeeded", "failed", "cancelled")
+
 # --- registry ----------------------------------------------------------------------------------------------------
 
 LABEL_MOVES = Counter(
@@ -147,6 +169,7 @@ SCRAPE_TIME_GAUGES: dict[str, str] = {
         "Unix time the latest finished run of a stack on a dataset finished."
     ),
     "fulcrum_evaluation_open_runs": "Evaluation runs not finished yet, by status (pending, running).",
+    "fulcrum_optimisation_open_jobs": "Optimisation jobs not finished yet, by status (pending, running).",
     "fulcrum_queue_messages": "Messages waiting in a Celery queue, as the broker reports them.",
     "fulcrum_broker_up": "1 when the last queue-depth query reached the broker, else 0.",
 }
@@ -163,6 +186,10 @@ ALL_METRICS = (
     ITEMS_EVALUATED,
     RUNS,
     REGRESSIONS,
+    OPTIMISATION_CANDIDATES,
+    OPTIMISATION_PROPOSALS_DROPPED,
+    OPTIMISATION_JOBS,
+    OPTIMISATION_LABEL_MOVES,
     LABEL_MOVES,
     PROMPT_FETCHES,
     TASKS,
@@ -238,6 +265,8 @@ def initialise_counters(role: str) -> None:
     if role in {"web", "worker"}:
         for status in RUN_STATUSES:
             RUNS.labels(status=status)
+        for status in JOB_STATUSES:
+            OPTIMISATION_JOBS.labels(status=status)
     if role == "worker":
         for task in ("fulcrum.run_evaluation", "fulcrum.evaluate_chunk"):
             for state in TASK_STATES:
