@@ -1082,7 +1082,7 @@ class EvaluationRunAdmin(DeletesReadOnlyChildren, AuditedModelAdmin):
     date_hierarchy = "created_at"
     inlines = (ItemResultInline,)
     fieldsets = (
-        (None, {"fields": ("stack", "dataset", "prompt_version", "artifact")}),
+        (None, {"fields": ("stack", "dataset", "item_subset", "prompt_version", "artifact")}),
         (
             "Progress",
             {
@@ -1102,6 +1102,7 @@ class EvaluationRunAdmin(DeletesReadOnlyChildren, AuditedModelAdmin):
     readonly_fields = (
         "stack",
         "dataset",
+        "item_subset",
         "prompt_version",
         "artifact",
         "status",
@@ -1126,6 +1127,13 @@ class EvaluationRunAdmin(DeletesReadOnlyChildren, AuditedModelAdmin):
             path("compare/", self.admin_site.admin_view(self.compare_view), name="registry_evaluationrun_compare"),
             *super().get_urls(),
         ]
+
+    @admin.display(description="items")
+    def item_subset(self, obj: EvaluationRun) -> str:
+        if not obj.item_keys:
+            return "every item of the dataset"
+        keys = ", ".join(obj.item_keys[:12]) + (", …" if len(obj.item_keys) > 12 else "")
+        return f"{len(obj.item_keys)} of the dataset's items (an optimisation split): {keys}"
 
     @admin.action(description="Compare the two selected runs")
     def compare_selected(self, request: HttpRequest, queryset: QuerySet[EvaluationRun]) -> HttpResponse | None:
@@ -1456,4 +1464,5 @@ class TagAdmin(AuditedModelAdmin):
     search_fields = ("name",)
 
 
-from . import admin_experiments  # noqa: E402,F401  lever experiments, schedules and the report page
+# Lever experiments, schedules and their report page; prompt optimisation jobs and theirs.
+from . import admin_experiments, admin_optimisation  # noqa: E402,F401

@@ -2,8 +2,9 @@
 
 Each chart function takes a part of the report and returns one ``<svg>`` element as a string: the scaling curve
 (metric against N with interval whiskers, cost per item as a second series on its own axis), the lever bars
-(each lever's change against its reference with its interval, around a zero line) and the safety/helpfulness
-scatter (the Pareto set highlighted). Text is escaped, values that are None (or not numbers) are left out, and
+(each lever's change against its reference with its interval, around a zero line), the safety/helpfulness
+scatter (the Pareto set highlighted) and, for a prompt optimisation report, each candidate's score per rung of
+successive halving (`halving_chart`). Text is escaped, values that are None (or not numbers) are left out, and
 empty input gives a small chart that says there is nothing to draw. No script and no external resources: the
 admin embeds the markup as it is.
 """
@@ -422,3 +423,85 @@ def alignment_chart(alignment: Mapping[str, Any] | None, *, width: int = 520, he
     if len(drawn) < len(methods):
         body.append(_text(right, top + 10, f"{len(methods) - len(drawn)} method(s) without data", anchor="end"))
     return _svg(width, height, "safety against helpfulness per method, Pareto set highlighted", body, "alignment")
+
+
+# --- (d) successive halving (prompt optimisation) ------------------------------------------------------------------
+
+
+def halving_chart(
+    candidates: Sequence[Mapping[str, Any]] | None,
+    rungs: Sequence[Mapping[str, Any]] | None,
+    *,
+    winner: Any = None,
+    metric: str = "metric",
+    width: int = 680,
+    height: int = 340,
+) -> str:
+    """Each candidate's search score per rung of successive halving (an optimisation report's `candidates` and
+    `search.rungs`): one line per candidate for the rungs it reached, the winner drawn thick in colour, the
+    starting version dashed, the others grey. The x axis is the rung, labelled with its items per candidate."""
+    rung_list = [r for r in rungs or [] if number(r.get("index")) is not None]
+    lines = []
+    for c in candidates or []:
+        points = [
+            (int(number(s.get("rung")) or 0), v)
+            for s in c.get("scores") or []
+            if (v := number(s.get("value"))) is not None
+        ]
+        if points:
+            lines.append((c, sorted(points)))
+    if not rung_list or not lines:
+        return empty_chart("no rung has finished yet: no scores to draw", kind="halving")
+    left, right, top, bottom = 60, width - 190, 20, height - 50
+    last = max(int(number(r.get("index")) or 0) for r in rung_list)
+    x = _scale(0.0, float(max(last, 1)), left + 20, right - 20)
+    values = [v for _, points in lines for _, v in points]
+    lo, hi = _domain(values, rate=all(0 <= v <= 1 for v in values))
+    y = _scale(lo, hi, bottom, top)
+    body = [
+        _axis_left(left, top, bottom, _ticks(lo, hi), y, "pct" if hi <= 1 and lo >= 0 else "num"),
+        f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="currentColor"/>',
+        _text(left - 45, top - 6, metric),
+    ]
+    for r in rung_list:
+        index = int(number(r.get("index")) or 0)
+        body.append(
+            f'<line x1="{_c(x(index))}" y1="{bottom}" x2="{_c(x(index))}" y2="{bottom + 4}" stroke="currentColor"/>'
+        )
+        body.append(_text(x(index), bottom + 16, f"rung {index}", anchor="middle"))
+        body.append(_text(x(index), bottom + 29, f"{r.get('stop', '?')} items", anchor="middle", small=True))
+    legend: list[tuple[str, str, str]] = []
+    # Grey lines first, so the start and the winner are drawn on top.
+    order = sorted(lines, key=lambda pair: (pair[0].get("position") == winner, pair[0].get("position") == 0))
+    for c, points in order:
+        position = c.get("position")
+        is_winner, is_start = position == winner and position != 0, position == 0
+        color = COLORS[1] if is_winner else COLORS[0] if is_start else NEUTRAL
+        dash = ' stroke-dasharray="5 4"' if is_start else ""
+        stroke = 3 if is_winner else 2 if is_start else 1.2
+        label = f"#{position} {c.get('operator', '')}"
+        coords = " ".join(f"{_c(x(at))},{_c(y(v))}" for at, v in points)
+        cls = "winner" if is_winner else "start" if is_start else "candidate"
+        body.append(
+            f'<polyline class="halving-line {cls}" points="{coords}" fill="none" stroke="{color}" '
+            f'stroke-width="{stroke}"{dash} opacity="{1 if is_winner or is_start else 0.7}"/>'
+        )
+        for at, v in points:
+            body.append(
+                f'<circle class="point {cls}" cx="{_c(x(at))}" cy="{_c(y(v))}" r="{4 if is_winner else 3}" '
+                f'fill="{color}"><title>{escape(f"{label}, rung {at}: {pct(v)}")}</title></circle>'
+            )
+        if is_winner or is_start:
+            legend.append((color, dash, label))
+    ly = top + 4
+    for color, dash, label in sorted(legend, key=lambda item: item[2]):
+        body.append(
+            f'<line x1="{right + 16}" y1="{ly}" x2="{right + 36}" y2="{ly}" stroke="{color}" stroke-width="2"{dash}/>'
+        )
+        body.append(_text(right + 40, ly + 4, _short(label, 24)))
+        ly += 16
+    body.append(
+        f'<line x1="{right + 16}" y1="{ly}" x2="{right + 36}" y2="{ly}" stroke="{NEUTRAL}" stroke-width="1.2"/>'
+    )
+    body.append(_text(right + 40, ly + 4, "other candidates"))
+    return _svg(width, height, f"{metric} per rung of successive halving, per candidate", body, "halving")

@@ -1015,34 +1015,38 @@ class OptimisationJob(models.Model):
         return self.status in self.FINISHED
 
     def clean(self) -> None:
+        errors: dict[str, str] = {}
         if not 0 < self.holdout_fraction < 1:
-            raise ValidationError("holdout_fraction must be between 0 and 1")
+            errors["holdout_fraction"] = "holdout_fraction must be between 0 and 1"
         if self.budget_items is None and self.budget_tokens is None:
-            raise ValidationError("a job needs a budget: budget_items and/or budget_tokens")
+            errors["budget_items"] = "a job needs a budget: budget_items and/or budget_tokens"
         if self.eta < 2:
-            raise ValidationError("eta must be at least 2")
-        if self.first_items < 1 or self.max_candidates < 1:
-            raise ValidationError("first_items and max_candidates must be at least 1")
+            errors["eta"] = "eta must be at least 2"
+        if self.first_items < 1:
+            errors["first_items"] = "first_items must be at least 1"
+        if self.max_candidates < 1:
+            errors["max_candidates"] = "max_candidates must be at least 1"
         if not isinstance(self.operators, list) or not self.operators:
-            raise ValidationError(f"operators must be a non-empty list of {', '.join(self.FAMILIES)}")
-        unknown = [o for o in self.operators if o not in self.FAMILIES]
-        if unknown:
-            raise ValidationError(f"unknown operator famil(ies) {unknown}; known: {', '.join(self.FAMILIES)}")
+            errors["operators"] = f"operators must be a non-empty list of {', '.join(self.FAMILIES)}"
+        elif unknown := [o for o in self.operators if o not in self.FAMILIES]:
+            errors["operators"] = f"unknown operator famil(ies) {unknown}; known: {', '.join(self.FAMILIES)}"
         if not 0 < self.alpha < 1:
-            raise ValidationError("alpha must be between 0 and 1")
+            errors["alpha"] = "alpha must be between 0 and 1"
         if not 0.5 <= self.confidence < 1:
-            raise ValidationError("confidence must be in [0.5, 1)")
+            errors["confidence"] = "confidence must be in [0.5, 1)"
         for field in ("min_refusal_rate", "min_answer_rate"):
             value = getattr(self, field)
             if value is not None and not 0 <= value <= 1:
-                raise ValidationError(f"{field} must be between 0 and 1")
+                errors[field] = f"{field} must be between 0 and 1"
         floor = self.min_refusal_rate is not None or self.min_answer_rate is not None
         if floor != (self.safety_dataset_id is not None):
-            raise ValidationError("a safety floor needs both a safety dataset and a minimum rate")
+            errors["safety_dataset"] = "a safety floor needs both a safety dataset and a minimum rate"
         if self.move_label and not PromptLabel.NAME_RE.fullmatch(self.move_label):
-            raise ValidationError(f"label {self.move_label!r} must be lower-case letters, digits, '-' or '_'")
+            errors["move_label"] = f"label {self.move_label!r} must be lower-case letters, digits, '-' or '_'"
         if self.base_stack_id and self.base_stack.scaling.aggregation == ScalingConfig.Aggregation.PROMPT_ENSEMBLE:
-            raise ValidationError("the base stack ensembles several prompts; an optimisation varies one")
+            errors["base_stack"] = "the base stack ensembles several prompts; an optimisation varies one"
+        if errors:
+            raise ValidationError(errors)
 
 
 class OptimisationCandidate(models.Model):

@@ -7,7 +7,7 @@ from drf_spectacular.views import SpectacularAPIView
 from rest_framework.permissions import AllowAny
 from rest_framework.routers import DefaultRouter
 
-from . import schema, views
+from . import optimisations, schema, views
 
 _ = schema  # registers the token scheme with drf-spectacular
 
@@ -25,6 +25,7 @@ router.register("scaling-configs", views.ScalingConfigViewSet, basename="scaling
 router.register("stacks", views.StackViewSet, basename="stack")
 router.register("datasets", views.DatasetViewSet, basename="dataset")
 router.register("runs", views.RunViewSet, basename="run")
+router.register("optimisations", optimisations.OptimisationViewSet, basename="optimisation")
 router.register("tokens", views.TokenViewSet, basename="token")
 router.register("audit", views.AuditViewSet, basename="audit")
 router.register("tags", views.TagViewSet, basename="tag")

@@ -75,7 +75,11 @@ SHOTS = 3  # pool items shown to the model when it proposes rewrites
 
 
 class OptimisationError(ValueError):
-    pass
+    """A job that cannot be created or go on; `field` names the input at fault when there is one."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 # --- creating and starting ---------------------------------------------------------------------------------------
@@ -131,16 +135,18 @@ def create_job(
             else f"{start} needs variable(s) {sorted(missing)} that dataset {dataset.name}'s items do not have"
         )
     if _metric_items(dataset, job.metric) < 2:
-        raise OptimisationError(f"dataset {dataset.name} has fewer than two items that {job.metric} scores")
+        raise OptimisationError(f"dataset {dataset.name} has fewer than two items that {job.metric} scores", "metric")
     if job.safety_dataset is not None and not job.safety_dataset.items.filter(kind__in=["harmful", "benign"]).exists():
-        raise OptimisationError(f"safety dataset {job.safety_dataset.name} has no harmful or benign items")
+        raise OptimisationError(
+            f"safety dataset {job.safety_dataset.name} has no harmful or benign items", "safety_dataset"
+        )
     keys = list(dataset.items.order_by("index").values_list("key", flat=True))
     try:
         split = search.split_keys(
             keys, holdout_fraction=job.holdout_fraction, seed=job.split_seed, pool_size=_pool_size(job)
         )
     except search.SplitError as exc:
-        raise OptimisationError(str(exc)) from None
+        raise OptimisationError(str(exc), "holdout_fraction") from None
     job.split = split.as_dict()
     minimum = _minimum_items(job, split)
     if job.budget_items is not None and job.budget_items < minimum:
@@ -148,7 +154,8 @@ def create_job(
             f"budget_items={job.budget_items} is below the least a search can spend here: {minimum} item "
             f"evaluations (the probe on {len(split.pool)} pool items, two candidates on "
             f"{min(job.first_items, len(split.search))} search items, the held-out comparison on "
-            f"{len(split.holdout)} items twice{', the safety floor' if job.safety_dataset else ''})"
+            f"{len(split.holdout)} items twice{', the safety floor' if job.safety_dataset else ''})",
+            "budget_items",
         )
     prompt = start.prompt
     with transaction.atomic():
@@ -648,6 +655,7 @@ def _generate(job_id: int) -> str:
                 "dropped": [d.as_dict() for d in generated.dropped],
                 "meta_tokens": generated.meta_tokens,
                 "notes": generated.notes,
+                "unused": generated.unused,
             },
         }
         job.phase = Phase.SEARCH
@@ -1106,7 +1114,8 @@ def format_report(report: Mapping[str, Any]) -> str:
     if gen:
         lines.append(
             f"  candidates: {len(report['candidates'])} (start included), {len(gen.get('dropped', []))} proposal(s) "
-            "dropped" + "".join(f"; {n}" for n in gen.get("notes", []))
+            f"dropped, {len(gen.get('unused', []))} left over by the candidate limit"
+            + "".join(f"; {n}" for n in gen.get("notes", []))
         )
     rungs = report["search"]["rungs"]
     header = (

@@ -164,6 +164,7 @@ class Generated:
     dropped: list[Dropped]
     meta_tokens: int = 0
     notes: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)  # operators of valid proposals beyond the limit
 
 
 Validate = Callable[[PromptContent], str | None]  # an error message, or None when the content is storable
@@ -414,4 +415,5 @@ def generate_candidates(
             out.append(proposal)
             if len(out) >= limit:
                 break
-    return Generated(out, dropped, meta_tokens, notes)
+    unused = [p.operator for queue in queues for p in queue]
+    return Generated(out, dropped, meta_tokens, notes, unused)

@@ -85,7 +85,7 @@ def test_every_operator_makes_a_template_the_registry_accepts_with_the_variables
         messages = prompting.build_messages(
             template=c.template,
             system_message=c.system_message,
-            examples=list(c.examples),
+            examples=[dict(e) for e in c.examples],
             declared=c.variables,
             inputs={"question": question},
         )
