@@ -13,7 +13,7 @@ ITEMS ?= 30
 TEST_ENV := DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres \
 	CELERY_BROKER_URL=redis://127.0.0.1:6379/15 HF_HUB_OFFLINE=1 FULCRUM_REQUIRE_SERVICES=1
 
-.PHONY: install demo test bench lint services migrate clean
+.PHONY: install demo optimise test bench lint services migrate clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ migrate: install
 
 demo: migrate
 	HF_HUB_OFFLINE=1 $(PY) manage.py demo --items $(ITEMS)
+
+# Only the demo's prompt optimisation job (the model and stacks are registered first; runs are reused on a repeat).
+optimise: migrate
+	HF_HUB_OFFLINE=1 $(PY) manage.py demo --items $(ITEMS) --optimise-only
 
 services:
 	@bash deploy/local-services.sh

@@ -660,12 +660,9 @@ def _generate(job_id: int) -> str:
         }
         job.phase = Phase.SEARCH
         job.save(update_fields=["state", "phase"])
-        families = [p.family for p in generated.proposals]
         lost = [d.operator.split(":")[0] for d in generated.dropped]
 
         def count() -> None:
-            for family in ["start", *families]:
-                metrics.OPTIMISATION_CANDIDATES.labels(family=family).inc()
             for family in lost:
                 metrics.OPTIMISATION_PROPOSALS_DROPPED.labels(family=family).inc()
 
@@ -706,6 +703,13 @@ def _search(job: OptimisationJob) -> str:
             raise OptimisationError(str(exc)) from None
         trimmed = [c.position for c in candidates if c.position not in rung.arms]
         _start_rung(job, rung, by_position)
+        families = [by_position[p].family for p in rung.arms]
+
+        def count() -> None:
+            for family in families:
+                metrics.OPTIMISATION_CANDIDATES.labels(family=family).inc()
+
+        transaction.on_commit(count)
         job.state = {**job.state, "rungs": [rung.as_dict()], "trimmed": trimmed}
         job.save(update_fields=["state"])
         return "advanced"
@@ -904,7 +908,8 @@ def _succeed(
         state["winner_version"] = {"version": str(version), "created": created}
         label.update(_maybe_move_label(job, version, comparison))
     elif job.move_label:
-        label["reason"] = "no candidate beat the starting version: nothing to move"
+        why = state.get("no_winner") or "no candidate beat the starting version"
+        label["reason"] = f"{why}: nothing to move"
     state["label"] = label
     if label.get("moved"):
         job.label_moved = True
@@ -969,15 +974,16 @@ def _search_value(candidate: OptimisationCandidate) -> dict[str, Any]:
 def commit_message(
     job: OptimisationJob, winner: OptimisationCandidate, start: OptimisationCandidate, comparison: Mapping[str, Any]
 ) -> str:
-    tried = job.candidates.count()
+    tried = job.candidates.exclude(scores=[]).count()
     w, s = _search_value(winner), _search_value(start)
     ci = comparison["ci"]
     verdict = "significant" if comparison["significant"] else "not significant"
     return (
-        f"optimisation {job.name}: {winner.operator} won {tried} candidates (start included) by successive halving on "
-        f"{len(job.split['search'])} search items of {job.dataset.name} ({job.metric} {_pct(w['value'])} on "
-        f"{w['items']} items; start {_pct(s['value'])} on {s['items']}). Held-out ({comparison['items']} items): "
-        f"{_pct(comparison['start_value'])} -> {_pct(comparison['winner_value'])}, {_pts(comparison['delta'])} pts, "
+        f"optimisation {job.name}: {winner.operator} won among {tried} candidates evaluated (start included) by "
+        f"successive halving on {len(job.split['search'])} search items of {job.dataset.name} "
+        f"({job.metric} {_pct(w['value'])} on {w['items']} items; start {_pct(s['value'])} on {s['items']}). "
+        f"Held-out ({comparison['items']} items): {_pct(comparison['start_value'])} -> "
+        f"{_pct(comparison['winner_value'])}, {_pts(comparison['delta'])} pts, "
         f"{round(100 * job.confidence)}% CI [{_pts(ci[0])}, {_pts(ci[1])}], p = {_p(comparison['p_value'])} "
         f"({comparison['test']}, {verdict} at alpha {job.alpha:g})."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -84,6 +85,22 @@ EXPERIMENTS = [
 ]
 
 
+# --- prompt optimisation at the end of the demo (run_optimisation below) ------------------------------------------
+# The job: small enough for a few minutes on two CPU cores.
+OPTIMISE_JOB = "demo-optimise"
+OPTIMISE_BUDGET = 260
+OPTIMISE_SETTINGS: dict[str, Any] = {
+    "operators": ["instruction", "fewshot", "meta", "combine"],
+    "max_candidates": 8,
+    "eta": 2,
+    "first_items": 8,
+    "pool_size": 6,
+    "meta_proposals": 4,
+    "holdout_fraction": 0.5,
+    "move_label": "optimised",
+}
+
+
 class Command(BaseCommand):
     help = (
         "Import SmolLM2-135M-Instruct, register naive/engineered/safety prompts, greedy and 5-sample voting "
@@ -96,6 +113,18 @@ class Command(BaseCommand):
             "--external-worker", action="store_true", help="do not start a worker; one is already running"
         )
         parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the runs")
+        parser.add_argument(
+            "--optimise",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="end with a prompt optimisation job on the arithmetic dataset, from the naive prompt qa@v1",
+        )
+        parser.add_argument(
+            "--optimise-budget", type=int, default=OPTIMISE_BUDGET, help="the job's budget in item evaluations"
+        )
+        parser.add_argument(
+            "--optimise-only", action="store_true", help="register the model and stacks, then only the optimisation"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         self.started = time.monotonic()
@@ -104,6 +133,10 @@ class Command(BaseCommand):
         self.say("== 2/4 registry: datasets, prompt versions and labels, scaling configs, stacks")
         datasets = self.load_datasets(options["items"])
         stacks = self.register_stacks(artifact)
+        if options["optimise_only"]:
+            self.run_optimisation(stacks, options)
+            self.say(f"done in {time.monotonic() - self.started:.0f}s")
+            return
         self.say("== 3/4 evaluation on a Celery worker process")
         worker = None if options["external_worker"] else self.start_worker()
         try:
@@ -115,6 +148,8 @@ class Command(BaseCommand):
         self.print_table(runs)
         self.print_levers(runs)
         self.print_lever_report(stacks, datasets)
+        if options["optimise"]:
+            self.run_optimisation(stacks, options)
         self.say(f"done in {time.monotonic() - self.started:.0f}s")
 
     # -- helpers --------------------------------------------------------------------------------------------------
@@ -206,7 +241,7 @@ class Command(BaseCommand):
             )
         return stacks
 
-    def start_worker(self) -> subprocess.Popen[bytes]:
+    def start_worker(self, concurrency: int = 1, **env: str) -> subprocess.Popen[bytes]:
         # Messages left by an interrupted earlier demo would otherwise be picked up first.
         purged = celery_app.control.purge()
         if purged:
@@ -215,10 +250,10 @@ class Command(BaseCommand):
         manage = Path(settings.BASE_DIR) / "manage.py"
         log_file = log_path.open("wb")
         proc = subprocess.Popen(
-            [sys.executable, str(manage), "worker", "--concurrency", "1", "--loglevel", "INFO"],
+            [sys.executable, str(manage), "worker", "--concurrency", str(concurrency), "--loglevel", "INFO"],
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env=os.environ.copy(),
+            env={**os.environ, **env},
             start_new_session=True,
         )
         self.say(f"started worker process pid {proc.pid} (log: {log_path})")
@@ -333,6 +368,69 @@ class Command(BaseCommand):
                 raise CommandError(f"experiment {name} did not reuse the grid's runs: {experiment.error}")
             self.stdout.write("")
             self.stdout.write(experiments.format_report(experiment.report))
+
+    # -- prompt optimisation (registry/optimisation/) -------------------------------------------------------------
+
+    def run_optimisation(self, stacks: dict[str, Stack], options: dict[str, Any]) -> None:
+        """Search instructions and few-shot examples for the naive prompt qa@v1 on all arithmetic items, on a worker.
+
+        The job's runs are reused on a repeat (same candidates, same splits), so a second demo only re-reads them.
+        Label `optimised` moves to the winner only if its held-out gain is significant.
+        """
+        from registry.access import OperatorActor
+        from registry.models import OptimisationJob
+        from registry.optimisation import jobs
+
+        self.say("== optimisation: qa@v1 (naive) on all arithmetic items, successive halving under a budget")
+        dataset, created = import_dataset(
+            io.StringIO((DATA / "arithmetic.jsonl").read_text(encoding="utf-8")),
+            name="arithmetic",
+            scorer="numeric",
+            fmt="jsonl",
+            description="demo data from data/demo/arithmetic.jsonl",
+        )
+        self.say(f"dataset {dataset} {'imported' if created else 'already present'}")
+        OptimisationJob.objects.filter(name=OPTIMISE_JOB).delete()  # a repeated demo replaces its job
+        job = jobs.create_job(
+            OPTIMISE_JOB,
+            base_stack=stacks["naive-greedy"],
+            dataset=dataset,
+            actor=OperatorActor(),
+            description="demo: optimise the naive qa prompt on arithmetic word problems",
+            budget_items=options["optimise_budget"],
+            **OPTIMISE_SETTINGS,
+        )
+        split = job.split
+        self.say(
+            f"job {job.name}: {job.start_version} on {dataset.name}, split {len(split['search'])} search + "
+            f"{len(split['pool'])} few-shot pool / {len(split['holdout'])} held out; budget "
+            f"{job.budget_items} item evaluations"
+        )
+        # The job's runs are small (one candidate on a few items): one single-threaded engine per core keeps both
+        # cores busy, where one two-thread engine idles through much of each small batch (about twice as fast here).
+        cores = max(1, min(os.cpu_count() or 1, 4))
+        worker = (
+            None if options["external_worker"] else self.start_worker(concurrency=cores, FULCRUM_INTRA_OP_THREADS="1")
+        )
+        began = time.monotonic()
+        try:
+            jobs.start_job(job)
+            job = jobs.wait_for(
+                job,
+                timeout=options["timeout"],
+                report=lambda done, planned, where: self.say(f"optimisation: {where}; {done}/{planned} items"),
+                alive=(lambda: worker.poll() is None) if worker is not None else None,
+            )
+        except jobs.OptimisationError as exc:
+            raise CommandError(f"{exc}; see demo-worker.log") from None
+        finally:
+            if worker is not None:
+                self.stop_worker(worker)
+        self.say(f"optimisation finished in {time.monotonic() - began:.0f}s")
+        self.stdout.write("")
+        self.stdout.write(jobs.format_report(job.report))
+        if job.status != OptimisationJob.Status.SUCCEEDED:
+            raise CommandError(f"optimisation {job.name} {job.status}: {job.error}")
 
 
 def _first_per_kind(lines: list[str], limit: int) -> list[str]:
