@@ -280,3 +280,33 @@ def test_the_metric_can_be_the_refusal_rate(reg: dict[str, Any], operator: acces
     assert job.status == "succeeded", job.error
     winner = next(c for c in job.report["candidates"] if c["position"] == job.report["winner"])
     assert winner["operator"] == "instruction:role" and job.report["holdout"]["gain"]
+
+
+def test_candidates_and_finished_jobs_are_counted_and_open_jobs_gauged(
+    reg: dict[str, Any],
+    operator: access.Actor,
+    django_capture_on_commit_callbacks: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fulcrum import collectors, metrics
+
+    # The counters are recorded once a transaction commits; nothing may reach the broker meanwhile.
+    monkeypatch.setattr(jobs, "_queue_step", lambda job_id: None)
+    monkeypatch.setattr(evaluation, "start_run", lambda run: None)
+
+    def value(name: str, labels: dict[str, str]) -> float:
+        return metrics.registry().get_sample_value(name, labels) or 0.0
+
+    before = {f: value("fulcrum_optimisation_candidates_total", {"family": f}) for f in ("start", "fewshot")}
+    succeeded = value("fulcrum_optimisation_jobs_total", {"status": "succeeded"})
+    waiting = create(reg, operator, name="waiting", split_seed=3)
+    gauges = collectors.web_registry()
+    assert gauges.get_sample_value("fulcrum_optimisation_open_jobs", {"status": "pending"}) == 1
+    with django_capture_on_commit_callbacks(execute=True):
+        job = drive(create(reg, operator), scripted(fewshot_is_best))
+    assert value("fulcrum_optimisation_candidates_total", {"family": "start"}) == before["start"] + 1
+    fewshots = len([c for c in job.report["candidates"] if c["family"] == "fewshot" and c["scores"]])
+    assert value("fulcrum_optimisation_candidates_total", {"family": "fewshot"}) == before["fewshot"] + fewshots
+    assert value("fulcrum_optimisation_jobs_total", {"status": "succeeded"}) == succeeded + 1
+    waiting.refresh_from_db()
+    assert waiting.status == "pending"
