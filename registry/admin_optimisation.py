@@ -26,7 +26,7 @@ from . import access, charts
 from .admin import AuditedModelAdmin, ReadOnlyTabularInline, _link, _pre
 from .admin_experiments import _interval
 from .models import OptimisationCandidate, OptimisationJob, Role
-from .optimisation import jobs
+from .optimisation import jobs, reporting
 
 
 def _report_url(job: OptimisationJob) -> str:
@@ -221,7 +221,7 @@ class OptimisationJobAdmin(AuditedModelAdmin):
 
     @admin.display(description="items spent / budget")
     def spent_items(self, obj: OptimisationJob) -> str:
-        spent = (obj.report or {}).get("spent") or jobs.spent(obj)
+        spent = (obj.report or {}).get("spent") or reporting.spent(obj)
         return f"{spent.get('items', 0)} / {obj.budget_items if obj.budget_items is not None else '-'}"
 
     @admin.display(description="label")
@@ -238,7 +238,7 @@ class OptimisationJobAdmin(AuditedModelAdmin):
 
     @admin.display(description="progress")
     def progress(self, obj: OptimisationJob) -> str:
-        done, planned, where = jobs.progress(obj)
+        done, planned, where = reporting.progress(obj)
         return format_html(
             '<progress value="{}" max="{}"></progress> {} / {} items of the runs so far — {}',
             done,
@@ -254,9 +254,9 @@ class OptimisationJobAdmin(AuditedModelAdmin):
 
     @admin.display(description="report as text")
     def report_text(self, obj: OptimisationJob) -> SafeString:
-        report = obj.report if obj.report else jobs.build_report(obj)
+        report = obj.report if obj.report else reporting.build_report(obj)
         try:
-            return _pre(jobs.format_report(report))
+            return _pre(reporting.format_report(report))
         except (KeyError, TypeError, ValueError, IndexError):  # a report stored in an older shape
             return _pre(json.dumps(report, indent=2, default=str))
 
@@ -280,14 +280,14 @@ class OptimisationJobAdmin(AuditedModelAdmin):
             raise Http404(f"no optimisation job with id {object_id!r}")
         if not self.has_view_permission(request, job):
             raise PermissionDenied
-        report = job.report if job.is_finished and job.report else jobs.build_report(job)
+        report = job.report if job.is_finished and job.report else reporting.build_report(job)
         try:
             json_url = reverse("api:optimisation-report", args=[job.name])
         except NoReverseMatch:
             json_url = ""
         spent, budget = report.get("spent") or {}, report.get("budget") or {}
         rungs = (report.get("search") or {}).get("rungs") or []
-        done, planned, where = jobs.progress(job)
+        done, planned, where = reporting.progress(job)
         context: dict[str, Any] = {
             **self.admin_site.each_context(request),
             "title": f"Optimisation {job.name}: report",
@@ -295,7 +295,7 @@ class OptimisationJobAdmin(AuditedModelAdmin):
             "original": job,
             "job": job,
             "report": report,
-            "verdict": jobs.verdict(report),
+            "verdict": reporting.verdict(report),
             "json_url": json_url,
             "progress": {"done": done, "planned": planned, "where": where},
             "items": _share(spent.get("items"), budget.get("items")),

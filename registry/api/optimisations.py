@@ -29,7 +29,7 @@ from registry.models import (
     PromptLabel,
     Stack,
 )
-from registry.optimisation import jobs
+from registry.optimisation import jobs, reporting
 
 from .errors import Conflict
 from .filters import IntFilter, NameFilter
@@ -154,8 +154,8 @@ class OptimisationSerializer(serializers.ModelSerializer):
         return {part: len((obj.split or {}).get(part, [])) for part in ("search", "pool", "holdout")}
 
     def get_progress(self, obj: OptimisationJob) -> dict[str, Any]:
-        done, planned, where = jobs.progress(obj)
-        return {"items_done": done, "items_planned": planned, "where": where, "spent": jobs.spent(obj)}
+        done, planned, where = reporting.progress(obj)
+        return {"items_done": done, "items_planned": planned, "where": where, "spent": reporting.spent(obj)}
 
 
 class OptimisationDetailSerializer(OptimisationSerializer):
@@ -301,5 +301,7 @@ class OptimisationViewSet(AuditedViewSet, mixins.ListModelMixin, mixins.Retrieve
     @action(detail=True, methods=["get"], filterset_class=None, pagination_class=None)
     def report(self, request: Request, name: str) -> Response:
         job = self.get_object()
-        report = job.report if job.is_finished and job.report else jobs.build_report(job)
-        return Response({"name": job.name, "status": job.status, "report": report, "text": jobs.format_report(report)})
+        report = job.report if job.is_finished and job.report else reporting.build_report(job)
+        return Response(
+            {"name": job.name, "status": job.status, "report": report, "text": reporting.format_report(report)}
+        )

@@ -6,5 +6,6 @@
                   (the model proposes rewrites through a callable the worker backs with the engine) — plain
                   Python, no Django;
 * `jobs.py`       the OptimisationJob state machine on top of evaluation runs, the held-out comparison, the
-                  winner version, the label move and the report.
+                  winner version and the label move;
+* `reporting.py`  spending, progress, the report document and its text, the winner's commit message.
 """

@@ -18,7 +18,7 @@ from registry.models import (
     PromptVersion,
     Stack,
 )
-from registry.optimisation import jobs
+from registry.optimisation import jobs, reporting
 from workers import evaluation
 
 pytestmark = pytest.mark.django_db
@@ -71,7 +71,7 @@ def test_the_search_finds_the_known_best_candidate_and_registers_it(
     assert report["label"] == {"name": None, "moved": False, "reason": "the job did not ask for a label move"}
     assert AuditEntry.objects.filter(action="optimisation.create", object_id=str(job.pk)).exists()
     assert AuditEntry.objects.filter(action="version.create", object_id=str(job.winner.pk), via="cli").exists()
-    text = jobs.format_report(report)
+    text = reporting.format_report(report)
     assert "<- winner" in text and "a significant gain" in text
 
 

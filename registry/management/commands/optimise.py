@@ -22,7 +22,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from registry import access
 from registry.models import Dataset, Experiment, OptimisationJob, Prompt, PromptLabel, Stack
-from registry.optimisation import jobs
+from registry.optimisation import jobs, reporting
 
 
 def _dataset(name: str) -> Dataset:
@@ -146,8 +146,8 @@ class Command(BaseCommand):
     def do_status(self, options: dict[str, Any]) -> None:
         if options["name"]:
             job = _job(options["name"])
-            done, planned, where = jobs.progress(job)
-            spent = jobs.spent(job)
+            done, planned, where = reporting.progress(job)
+            spent = reporting.spent(job)
             self.stdout.write(
                 f"{job.name}: {job.status}, {where}; {done}/{planned} items of the runs so far; spent "
                 f"{spent['items']} item evaluations ({spent['reused_items']} reused), {spent['tokens']} tokens"
@@ -205,10 +205,10 @@ class Command(BaseCommand):
         self.stderr.flush()
 
     def _print(self, job: OptimisationJob, *, as_json: bool) -> None:
-        report = job.report if job.is_finished and job.report else jobs.build_report(job)
+        report = job.report if job.is_finished and job.report else reporting.build_report(job)
         if as_json:
             self.stdout.write(json.dumps(report, indent=2, sort_keys=True, default=str))
         else:
-            self.stdout.write(jobs.format_report(report))
+            self.stdout.write(reporting.format_report(report))
         if job.status == OptimisationJob.Status.FAILED:
             raise CommandError(f"optimisation {job.name} failed: {job.error}")

@@ -379,7 +379,7 @@ class Command(BaseCommand):
         """
         from registry.access import OperatorActor
         from registry.models import OptimisationJob
-        from registry.optimisation import jobs
+        from registry.optimisation import jobs, reporting
 
         self.say("== optimisation: qa@v1 (naive) on all arithmetic items, successive halving under a budget")
         dataset, created = import_dataset(
@@ -428,7 +428,7 @@ class Command(BaseCommand):
                 self.stop_worker(worker)
         self.say(f"optimisation finished in {time.monotonic() - began:.0f}s")
         self.stdout.write("")
-        self.stdout.write(jobs.format_report(job.report))
+        self.stdout.write(reporting.format_report(job.report))
         if job.status != OptimisationJob.Status.SUCCEEDED:
             raise CommandError(f"optimisation {job.name} {job.status}: {job.error}")
 
