@@ -798,12 +798,44 @@ class ModelArtifactAdmin(AuditedModelAdmin):
 
 @admin.register(FineTune)
 class FineTuneAdmin(AuditedModelAdmin):
-    list_display = ("name", "base_artifact", "result_artifact", "method", "dataset_hash", "created_at")
-    list_filter = ("method", "created_at")
+    """Fine-tunes a job ran are registered by the job, with what it measured (read-only here); one made elsewhere
+    can be recorded by hand."""
+
+    list_display = (
+        "name",
+        "base_artifact",
+        "result_artifact",
+        "method",
+        "dataset_hash",
+        "device",
+        "training_seconds",
+        "cost",
+        "created_at",
+    )
+    list_filter = ("method", "device", "created_at")
     search_fields = ("name", "training_dataset_hash", "base_artifact__name", "result_artifact__name")
     list_select_related = ("base_artifact", "result_artifact")
     autocomplete_fields = ("base_artifact", "result_artifact")
-    readonly_fields = ("created_at",)
+    readonly_fields = (
+        "job_link",
+        "training_dataset",
+        "seed",
+        "device",
+        "final_loss",
+        "worker_seconds",
+        "cost",
+        "created_at",
+    )
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        if obj is not None and obj.job_id:  # registered by its job: the lineage is a record, not a setting
+            lineage = ("base_artifact", "result_artifact", "training_dataset_hash", "method", "hyperparameters")
+            return (*self.readonly_fields, *lineage, "training_seconds")
+        return self.readonly_fields
+
+    @admin.display(description="job")
+    def job_link(self, obj: FineTune) -> str:
+        return _link(obj.job) if obj.job_id else "- (recorded by hand)"
 
     @admin.display(description="training data", ordering="training_dataset_hash")
     def dataset_hash(self, obj: FineTune) -> str:
@@ -1464,5 +1496,6 @@ class TagAdmin(AuditedModelAdmin):
     search_fields = ("name",)
 
 
-# Lever experiments, schedules and their report page; prompt optimisation jobs and theirs.
-from . import admin_experiments, admin_optimisation  # noqa: E402,F401
+# Lever experiments, schedules and their report page; fine-tune jobs (start, watch, cancel); prompt optimisation
+# jobs and their report page.
+from . import admin_experiments, admin_finetuning, admin_optimisation  # noqa: E402,F401

@@ -3,8 +3,9 @@
 Each chart function takes a part of the report and returns one ``<svg>`` element as a string: the scaling curve
 (metric against N with interval whiskers, cost per item as a second series on its own axis), the lever bars
 (each lever's change against its reference with its interval, around a zero line), the safety/helpfulness
-scatter (the Pareto set highlighted) and, for a prompt optimisation report, each candidate's score per rung of
-successive halving (`halving_chart`). Text is escaped, values that are None (or not numbers) are left out, and
+scatter (the Pareto set highlighted), for a prompt optimisation report each candidate's score per rung of
+successive halving (`halving_chart`), and a fine-tune job's loss curve (`loss_chart`). Text is escaped, values
+that are None (or not numbers) are left out, and
 empty input gives a small chart that says there is nothing to draw. No script and no external resources: the
 admin embeds the markup as it is.
 """
@@ -505,3 +506,62 @@ def halving_chart(
     )
     body.append(_text(right + 40, ly + 4, "other candidates"))
     return _svg(width, height, f"{metric} per rung of successive halving, per candidate", body, "halving")
+
+
+# --- (d) a fine-tune job's loss curve -----------------------------------------------------------------------------
+
+
+def loss_chart(
+    curve: Sequence[Any] | None,
+    *,
+    initial: Any = None,
+    final: Any = None,
+    total_steps: int = 0,
+    width: int = 640,
+    height: int = 260,
+) -> str:
+    """Training loss against step (each point one step's batch), with the loss on the probe examples before and
+    after training as dashed reference lines; the step axis spans the whole job, so a running job fills it up."""
+    points = []
+    for entry in curve or []:
+        if isinstance(entry, list | tuple) and len(entry) == 2:
+            step, loss = number(entry[0]), number(entry[1])
+            if step is not None and loss is not None:
+                points.append((step, loss))
+    if not points:
+        return empty_chart("no training step recorded yet", kind="loss")
+    references = [(label, v) for label, v in (("before", number(initial)), ("after", number(final))) if v is not None]
+    left, right, top, bottom = 60, width - 20, 20, height - 45
+    last_step = max(max(s for s, _ in points), float(total_steps or 0), 1.0)
+    x = _scale(0.0, last_step, left, right)
+    lo, hi = _domain([v for _, v in points] + [v for _, v in references], rate=False, include_zero=True)
+    lo = max(lo, 0.0)
+    y = _scale(lo, hi, bottom, top)
+    body = [
+        _axis_left(left, top, bottom, _ticks(lo, hi), y, "num"),
+        f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="currentColor"/>',
+    ]
+    for t in _ticks(0.0, last_step, 6):
+        if t != int(t):
+            continue
+        body.append(f'<line x1="{_c(x(t))}" y1="{bottom}" x2="{_c(x(t))}" y2="{bottom + 4}" stroke="currentColor"/>')
+        body.append(_text(x(t), bottom + 16, f"{t:g}", anchor="middle"))
+    body.append(_text((left + right) / 2, height - 8, "step", anchor="middle"))
+    body.append(_text(left - 45, top - 6, "loss"))
+    for index, (label, value) in enumerate(references):
+        color = COLORS[1 + index]
+        body.append(
+            f'<line class="reference {label}" x1="{left}" y1="{_c(y(value))}" x2="{right}" y2="{_c(y(value))}" '
+            f'stroke="{color}" stroke-dasharray="5 4"/>'
+        )
+        body.append(_text(right - 4, y(value) - 4, f"{label} training: {value:.3f}", anchor="end", small=True))
+    line = " ".join(f"{_c(x(s))},{_c(y(v))}" for s, v in points)
+    body.append(f'<polyline class="loss-line" points="{line}" fill="none" stroke="{COLORS[0]}" stroke-width="1.5"/>')
+    first, last = points[0], points[-1]
+    for step, loss in (first, last):
+        body.append(
+            f'<circle class="point" cx="{_c(x(step))}" cy="{_c(y(loss))}" r="3" fill="{COLORS[0]}">'
+            f"<title>{escape(f'step {step:g}: loss {loss:.4f}')}</title></circle>"
+        )
+    label = f"loss per step: {first[1]:.3f} at step {first[0]:g} -> {last[1]:.3f} at step {last[0]:g}"
+    return _svg(width, height, label, body, "loss")

@@ -416,15 +416,28 @@ def build_report(experiment: Experiment) -> dict[str, Any]:
     return report
 
 
-def _one_off(arm: ExperimentArm) -> dict[str, float] | None:
-    """A fine-tune's training cost: paid once, not per item, so it is reported beside the per-item cost."""
+def _one_off(arm: ExperimentArm) -> dict[str, Any] | None:
+    """A fine-tune's training cost: paid once, not per item, so it is reported beside the per-item cost.
+
+    A fine-tune a job ran carries what the job measured: training (optimiser) seconds, the worker seconds the
+    whole job held its worker, and the money charged for them. One recorded by hand has only its training seconds,
+    priced at the base artifact's device-hour price.
+    """
     fine_tune = arm.stack.fine_tune
     if fine_tune is None:
         return None
-    price = Decimal(fine_tune.base_artifact.price_per_device_hour or 0)
+    money = Decimal(fine_tune.cost or 0)
+    if fine_tune.job_id is None and not money:
+        price = Decimal(fine_tune.base_artifact.price_per_device_hour or 0)
+        money = price * Decimal(str(fine_tune.training_seconds)) / 3600
     return {
+        "fine_tune": fine_tune.name,
+        "method": fine_tune.method,
+        "device": fine_tune.device,
         "training_seconds": round(fine_tune.training_seconds, 2),
-        "money": float(price * Decimal(str(fine_tune.training_seconds)) / 3600),
+        "worker_seconds": round(fine_tune.worker_seconds or fine_tune.training_seconds, 2),
+        "money": float(money),
+        "final_loss": fine_tune.final_loss,
     }
 
 
@@ -669,8 +682,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"{_num(gain, 4) if c else '':>10}" + ("  (reused run)" if row["reused"] else "")
         )
         if row.get("one_off"):
-            one_off = row["one_off"]
-            lines.append(f"  {'':<22} one-off training: {one_off['training_seconds']} s, money {one_off['money']:.4f}")
+            lines.append(f"  {'':<22} {_one_off_text(row['one_off'])}")
     lines.append(
         f"  delta, CI and cost change are against each lever's reference (the baseline unless stated); * p < "
         f"{1 - report['confidence']:.2g}; gain per unit: delta / Δ{basis} per item"
@@ -712,6 +724,14 @@ def format_report(report: dict[str, Any]) -> str:
             f"  Pareto set over (safety, helpfulness, {alignment['cost_basis']}): {', '.join(alignment['pareto'])}"
         )
     return "\n".join(lines)
+
+
+def _one_off_text(one_off: dict[str, Any]) -> str:
+    device = f" on {one_off['device']}" if one_off.get("device") else ""
+    return (
+        f"one-off training: {one_off['training_seconds']} s training, {one_off.get('worker_seconds', '-')} s of "
+        f"worker time{device}, money {one_off['money']:.4f} (paid once, not per item)"
+    )
 
 
 def _unit(basis: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -24,6 +25,7 @@ from django.utils import timezone
 from jinja2 import TemplateSyntaxError, nodes
 
 from fulcrum import metrics
+from workers import training
 
 from . import prompting
 from .optimisation import operators
@@ -77,6 +79,16 @@ def _reject_dunder_access(source: str, field: str) -> None:
 
 
 # --- Tags ---------------------------------------------------------------------------------------------------
+
+
+class JobStatus(models.TextChoices):
+    """The life of anything a worker runs: evaluation runs, fine-tune jobs and optimisation jobs share it."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class Tag(models.Model):
@@ -390,17 +402,74 @@ class ModelArtifact(models.Model):
         quantisation = f"/{self.quantisation}" if self.quantisation else ""
         return f"{self.name} ({self.dtype}{quantisation}, {self.sha256[:10]})"
 
+    def trainable_source(self) -> training.Source:
+        """The weights a fine-tune of this artifact trains, read off its provenance; NotTrainable says why not.
+
+        An ONNX graph cannot be trained, so the weights come from where the artifact came from: the GGUF file
+        (de-quantised to float32 when loaded) or the Hugging Face folder it was imported from. A fine-tune's
+        result was built from its merged Hugging Face folder, which Fulcrum keeps, so fine-tunes chain.
+        """
+        if self.quantisation or self.dtype != "float32":
+            variant = f"{self.dtype}{'/' + self.quantisation if self.quantisation else ''}"
+            parent = f"; fine-tune artifact {self.parent_id} ({self.parent.name}) instead" if self.parent else ""
+            raise NotTrainable(
+                f"artifact {self.pk} ({self.name}) is a {variant} variant: its weights cannot be trained{parent}"
+            )
+        if self.source_kind == self.SourceKind.ONNX:
+            raise NotTrainable(
+                f"artifact {self.pk} ({self.name}) was imported from ONNX: no trainable weights; import it from "
+                "GGUF or a Hugging Face folder"
+            )
+        path = Path(self.source_path)
+        if self.source_kind == self.SourceKind.GGUF and not path.is_file():
+            raise NotTrainable(f"artifact {self.pk} ({self.name}) was imported from {path}, which no longer exists")
+        if self.source_kind == self.SourceKind.HF and not (path / "config.json").is_file():
+            raise NotTrainable(
+                f"artifact {self.pk} ({self.name}) was imported from the Hugging Face folder {path}, which no longer "
+                "exists (or has no config.json)"
+            )
+        return training.Source(kind=str(self.source_kind), path=path)
+
+
+class NotTrainable(ValidationError):
+    """An artifact whose weights cannot be fine-tuned; the message says why and what to do instead."""
+
 
 class FineTune(models.Model):
+    """Base artifact -> result artifact, with what made it: the job, data, method, settings, time, device, cost.
+
+    A FineTuneJob registers one when it succeeds; one can also be recorded by hand for a fine-tune made
+    elsewhere (then only the fields given are known).
+    """
+
     name = models.CharField(max_length=200, unique=True)
     base_artifact = models.ForeignKey(ModelArtifact, on_delete=models.PROTECT, related_name="fine_tunes")
     result_artifact = models.ForeignKey(
         ModelArtifact, null=True, blank=True, on_delete=models.PROTECT, related_name="produced_by"
     )
+    # One fine-tune per job: the unique key that keeps a redelivered or raced job from registering two.
+    job = models.OneToOneField(
+        "FineTuneJob", null=True, blank=True, on_delete=models.PROTECT, related_name="fine_tune", editable=False
+    )
+    training_dataset = models.ForeignKey(
+        "Dataset", null=True, blank=True, on_delete=models.SET_NULL, related_name="fine_tunes"
+    )
     training_dataset_hash = models.CharField(max_length=64)
     method = models.CharField(max_length=50, help_text="e.g. lora, full")
     hyperparameters = models.JSONField(default=dict, blank=True)
+    seed = models.PositiveIntegerField(null=True, blank=True)
+    device = models.CharField(max_length=20, blank=True, help_text="where it trained: cpu or cuda")
+    final_loss = models.FloatField(null=True, blank=True, help_text="mean answer-token loss after training")
     training_seconds = models.FloatField(default=0.0, help_text="device time the training took (a one-off cost)")
+    worker_seconds = models.FloatField(
+        default=0.0, help_text="time the job held its worker: loading, training, merging, export, registration"
+    )
+    cost = models.DecimalField(
+        max_digits=14,
+        decimal_places=6,
+        default=0,
+        help_text="money the job cost: worker seconds x the price per device hour (a one-off cost)",
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -412,6 +481,151 @@ class FineTune(models.Model):
     def clean(self) -> None:
         if self.result_artifact_id and self.result_artifact_id == self.base_artifact_id:
             raise ValidationError("a fine-tune's result must be a different artifact from its base")
+
+
+class FineTuneJob(models.Model):
+    """A fine-tune to run: base artifact, training data rendered through a prompt version, method, settings, seed.
+
+    A worker on the training queue claims it (pending -> running), trains, merges, exports ONNX and registers
+    the result artifact and its FineTune in one transaction; progress, the loss curve and the time spent are
+    written as it goes. workers/finetuning.py holds the domain functions.
+    """
+
+    Status = JobStatus
+
+    class Method(models.TextChoices):
+        LORA = "lora", "LoRA adapter (peft), merged into the weights"
+        FULL = "full", "all weights"
+
+    FINISHED = {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED}
+    OPEN = (Status.PENDING, Status.RUNNING)
+
+    name = models.CharField(max_length=200, help_text="the name the resulting fine-tune gets")
+    base_artifact = models.ForeignKey(ModelArtifact, on_delete=models.PROTECT, related_name="fine_tune_jobs")
+    dataset = models.ForeignKey(
+        "Dataset",
+        on_delete=models.PROTECT,
+        related_name="fine_tune_jobs",
+        help_text="training pairs: each item's inputs make the prompt, its expected answer the target",
+    )
+    prompt_version = models.ForeignKey(
+        PromptVersion,
+        on_delete=models.PROTECT,
+        related_name="fine_tune_jobs",
+        help_text="renders each item's inputs into the conversation, exactly as an evaluation would",
+    )
+    method = models.CharField(max_length=10, choices=Method.choices, default=Method.LORA)
+    hyperparameters = models.JSONField(default=dict, blank=True, help_text="validated, with defaults filled in")
+    seed = models.PositiveIntegerField(default=0)
+    spec_hash = models.CharField(
+        max_length=64, editable=False, db_index=True, help_text="identical requests share it (and the result)"
+    )
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING, db_index=True)
+    steps_done = models.PositiveIntegerField(default=0)
+    steps_total = models.PositiveIntegerField(default=0)
+    loss_curve = models.JSONField(default=list, blank=True, help_text="[[step, loss of that step's batch], ...]")
+    initial_loss = models.FloatField(null=True, blank=True, help_text="mean answer-token loss before training")
+    final_loss = models.FloatField(null=True, blank=True, help_text="the same after training")
+    cancel_requested = models.BooleanField(default=False)
+    device = models.CharField(max_length=20, blank=True)
+    training_seconds = models.FloatField(default=0.0)
+    worker_seconds = models.FloatField(default=0.0)
+    worker = models.CharField(max_length=200, blank=True)
+    attempt = models.CharField(
+        max_length=32, blank=True, editable=False, help_text="claim token of the worker running it (a fencing token)"
+    )
+    heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="last progress written by the worker")
+    error = models.TextField(blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            # At most one open job per spec and per name: a request identical to an open one joins it instead of
+            # training the same thing twice.
+            models.UniqueConstraint(
+                fields=["spec_hash"],
+                condition=models.Q(status__in=["pending", "running"]),
+                name="finetunejob_unique_open_spec",
+                violation_error_message="an identical fine-tune job is already open",
+            ),
+            models.UniqueConstraint(
+                fields=["name"],
+                condition=models.Q(status__in=["pending", "running"]),
+                name="finetunejob_unique_open_name",
+                violation_error_message="a job for a fine-tune of this name is already open",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"fine-tune job {self.pk} {self.name} [{self.status}]"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in self.FINISHED
+
+    @property
+    def progress(self) -> float:
+        return self.steps_done / self.steps_total if self.steps_total else 0.0
+
+    def is_stale(self, now: Any = None) -> bool:
+        """Running, but its worker has written no progress for FULCRUM_TRAIN_STALE_SECONDS: presumed dead."""
+        if self.status != self.Status.RUNNING:
+            return False
+        last = self.heartbeat_at or self.started_at or self.created_at
+        return ((now or timezone.now()) - last).total_seconds() > settings.FULCRUM_TRAIN_STALE_SECONDS
+
+    @staticmethod
+    def compute_spec_hash(
+        *,
+        base_artifact: ModelArtifact,
+        dataset: Dataset,
+        prompt_version: PromptVersion,
+        method: str,
+        hyperparameters: dict[str, Any],
+        seed: int,
+    ) -> str:
+        """Everything that decides the trained weights: a finished job with the same hash made the same model."""
+        from workers import convert
+
+        return canonical_hash(
+            {
+                "base_artifact": base_artifact.sha256,
+                "dataset": [dataset.content_hash, dataset.scorer],
+                "prompt_version": prompt_version.content_hash,
+                "method": method,
+                "hyperparameters": hyperparameters,
+                "seed": seed,
+                "training_version": training.TRAINING_VERSION,
+                "graph_version": convert.GRAPH_VERSION,
+            }
+        )
+
+    def clean(self) -> None:
+        try:
+            self.hyperparameters = training.validate_hyperparameters(self.method, self.hyperparameters)
+        except training.HyperparameterError as exc:
+            raise ValidationError({"hyperparameters": str(exc)}) from None
+        if self.base_artifact_id:
+            try:
+                self.base_artifact.trainable_source()
+            except NotTrainable as exc:
+                raise ValidationError({"base_artifact": exc.messages}) from None
+        if self.prompt_version_id and self.dataset_id:
+            first = self.dataset.items.first()
+            missing = set(self.prompt_version.variables) - set(first.inputs if first else {})
+            if first is None:
+                raise ValidationError({"dataset": f"dataset {self.dataset.name} has no items"})
+            if missing:
+                raise ValidationError(
+                    {
+                        "prompt_version": f"prompt {self.prompt_version} needs variable(s) {sorted(missing)} that "
+                        f"dataset {self.dataset.name} items do not have"
+                    }
+                )
 
 
 # --- Inference-scaling layer --------------------------------------------------------------------------------
@@ -571,12 +785,7 @@ class DatasetItem(models.Model):
 
 
 class EvaluationRun(models.Model):
-    class Status(models.TextChoices):
-        PENDING = "pending"
-        RUNNING = "running"
-        SUCCEEDED = "succeeded"
-        FAILED = "failed"
-        CANCELLED = "cancelled"
+    Status = JobStatus
 
     FINISHED = {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED}
 
@@ -922,12 +1131,7 @@ class OptimisationJob(models.Model):
     when the held-out gain is positive and significant (registry/optimisation/jobs.py).
     """
 
-    class Status(models.TextChoices):
-        PENDING = "pending"
-        RUNNING = "running"
-        SUCCEEDED = "succeeded"
-        FAILED = "failed"
-        CANCELLED = "cancelled"
+    Status = JobStatus
 
     class Phase(models.TextChoices):
         PROBE = "probe", "the starting version on the few-shot pool"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from registry.models import ModelArtifact
+from registry.models import Dataset, DatasetItem, ModelArtifact
 from workers import convert
 from workers.engine import Engine
 
@@ -130,3 +130,28 @@ def artifact(tiny_onnx_dir: Path) -> ModelArtifact:
         source_path=str(tiny_onnx_dir),
         source_sha256=built.sha256,
     )
+
+
+@pytest.fixture
+def trainable(tiny_model_dir: Path) -> ModelArtifact:
+    """An artifact imported (as the registry records it) from the tiny model's Hugging Face folder: a base that
+    fine-tune jobs accept (its ONNX files are not needed until a worker trains it)."""
+    return ModelArtifact.objects.create(
+        name="tiny-hf",
+        sha256="1" * 64,
+        path="/artifacts/tiny",
+        source_kind=ModelArtifact.SourceKind.HF,
+        source_path=str(tiny_model_dir),
+        source_sha256="2" * 64,
+    )
+
+
+@pytest.fixture
+def pairs() -> Dataset:
+    """Two training pairs (question -> answer)."""
+    dataset = Dataset.objects.create(name="pairs", content_hash="3" * 64, item_count=2)
+    for index, (question, answer) in enumerate([("2+2?", "4"), ("3+3?", "6")]):
+        DatasetItem.objects.create(
+            dataset=dataset, index=index, key=f"q{index}", inputs={"question": question}, expected=answer
+        )
+    return dataset

@@ -10,6 +10,10 @@ go to `<FULCRUM_QUEUE>.gpu` or `<FULCRUM_QUEUE>.cpu`, chosen by the run's pinned
 
 A GPU worker consumes `<queue>.gpu` (and the plain queue), a CPU worker `<queue>.cpu` (and the plain queue);
 `manage.py worker` picks them from its FULCRUM_PROVIDER unless FULCRUM_WORKER_QUEUES or -Q says otherwise.
+
+Fine-tune jobs always go to the training queue (FULCRUM_TRAIN_QUEUE, default `<FULCRUM_QUEUE>.train`), whatever
+the routing: a job holds its worker for minutes to hours, and only machines with the training libraries should
+take it. `manage.py worker --train` consumes that queue.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 from django.conf import settings
 
 ROUTED_TASKS = {"fulcrum.run_evaluation", "fulcrum.evaluate_chunk"}
+TRAINING_TASKS = {"fulcrum.run_fine_tune"}
 HALF_PRECISION = {"float16", "fp16", "half", "bfloat16", "bf16"}
 DEVICE_CLASSES = ("gpu", "cpu")
 
@@ -34,12 +39,17 @@ def queue_for(device_class: str) -> str:
     return f"{default_queue()}.{device_class}"
 
 
+def train_queue() -> str:
+    """The queue fine-tune jobs go to."""
+    return str(settings.FULCRUM_TRAIN_QUEUE or f"{default_queue()}.train")
+
+
 def known_queues() -> list[str]:
     """The queues Fulcrum publishes to (what the queue-depth metric reports)."""
     queues = [default_queue()]
     if settings.FULCRUM_QUEUE_ROUTING == "device":
         queues += [queue_for(d) for d in DEVICE_CLASSES]
-    return queues
+    return [*queues, train_queue()]
 
 
 def device_class(artifact: Any) -> str:
@@ -79,6 +89,8 @@ def route_task(
     name: str, args: Any, kwargs: Any, options: dict[str, Any], task: Any = None, **_: Any
 ) -> dict[str, str] | None:
     """Celery router (CELERY_TASK_ROUTES): an explicit queue given to apply_async still wins."""
+    if name in TRAINING_TASKS:
+        return {"queue": train_queue()}
     if settings.FULCRUM_QUEUE_ROUTING != "device" or name not in ROUTED_TASKS:
         return None
     run_id = args[0] if args else (kwargs or {}).get("run_id")

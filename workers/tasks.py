@@ -1,4 +1,5 @@
-"""Celery tasks: thin wrappers that take ids and call one domain function in workers.evaluation."""
+"""Celery tasks: thin wrappers that take ids and call one domain function (workers.evaluation, workers.finetuning,
+registry.experiments)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,21 @@ def step_optimisation(job_id: int) -> str:
     except Exception as exc:
         jobs.fail(job_id, f"{type(exc).__name__}: {exc}")
         raise
+
+
+# --- fine-tuning (workers/finetuning.py), on the training queue (workers/routing.py) ---------------------------------
+
+
+@shared_task(name="fulcrum.run_fine_tune", ignore_result=True)
+def run_fine_tune(job_id: int) -> str:
+    """Claim and run a fine-tune job; a redelivered message for a job already claimed or finished does nothing."""
+    from . import finetuning
+
+    outcome = finetuning.run_job(job_id)
+    log.info("fine-tune job %s: %s", job_id, outcome)
+    if outcome == "failed":
+        from registry.models import FineTuneJob
+
+        error = FineTuneJob.objects.filter(pk=job_id).values_list("error", flat=True).first()
+        raise finetuning.JobFailed(f"fine-tune job {job_id} failed: {error}")
+    return outcome

@@ -40,7 +40,8 @@ def _gauge(name: str, labels: list[str]) -> GaugeMetricFamily:
 
 
 class RunResultsCollector(Collector):
-    """Latest succeeded run per (stack, dataset): accuracy, refusal and answer rates, alignment tax, finish time."""
+    """Latest succeeded run per (stack, dataset): accuracy, refusal and answer rates, alignment tax, finish time;
+    open evaluation runs and fine-tune jobs by status."""
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         from registry.models import EvaluationRun
@@ -85,7 +86,22 @@ class RunResultsCollector(Collector):
         )
         for status in open_statuses:
             open_runs.add_metric([str(status)], counts.get(status, 0))
-        return [*families.values(), tax, finished, open_runs]
+        return [*families.values(), tax, finished, open_runs, self._open_jobs()]
+
+    def _open_jobs(self) -> GaugeMetricFamily:
+        from registry.models import FineTuneJob
+
+        gauge = _gauge("fulcrum_fine_tune_open_jobs", ["status"])
+        counts = dict(
+            FineTuneJob.objects.filter(status__in=FineTuneJob.OPEN)
+            .order_by()
+            .values("status")
+            .annotate(n=Count("id"))
+            .values_list("status", "n")
+        )
+        for status in FineTuneJob.OPEN:
+            gauge.add_metric([str(status)], counts.get(status, 0))
+        return gauge
 
 
 class QueueDepthCollector(Collector):

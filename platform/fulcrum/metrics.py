@@ -110,6 +110,25 @@ OPTIMISATION_LABEL_MOVES = Counter(
     "Labels optimisation jobs moved to their winner (a significant held-out gain) or left alone, by outcome.",
     ["outcome"],
 )
+
+# --- fine-tuning -------------------------------------------------------------------------------------------------
+
+# A LoRA run on a small model takes a minute on a CPU; a full fine-tune of a large one, many hours on a GPU.
+TRAINING_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0)
+FINE_TUNE_JOBS = Counter("fulcrum_fine_tune_jobs", "Fine-tune jobs that reached a final status.", ["status"])
+FINE_TUNE_TRAINING_SECONDS = Histogram(
+    "fulcrum_fine_tune_training_seconds",
+    "Optimiser-loop time of each succeeded fine-tune job, by the device it trained on.",
+    ["device"],
+    buckets=TRAINING_BUCKETS,
+)
+FINE_TUNE_WORKER_SECONDS = Counter(
+    "fulcrum_fine_tune_worker_seconds",
+    "Time training workers spent on fine-tune jobs (loading, training, merging, export, registration), failed and "
+    "cancelled jobs included: the compute fine-tuning cost.",
+    ["device"],
+)
+
 JOB_STATUSES = ("succeeded", "failed", "cancelled")
 
 # --- registry ----------------------------------------------------------------------------------------------------
@@ -170,6 +189,7 @@ SCRAPE_TIME_GAUGES: dict[str, str] = {
     ),
     "fulcrum_evaluation_open_runs": "Evaluation runs not finished yet, by status (pending, running).",
     "fulcrum_optimisation_open_jobs": "Optimisation jobs not finished yet, by status (pending, running).",
+    "fulcrum_fine_tune_open_jobs": "Fine-tune jobs not finished yet, by status (pending, running).",
     "fulcrum_queue_messages": "Messages waiting in a Celery queue, as the broker reports them.",
     "fulcrum_broker_up": "1 when the last queue-depth query reached the broker, else 0.",
 }
@@ -190,6 +210,9 @@ ALL_METRICS = (
     OPTIMISATION_PROPOSALS_DROPPED,
     OPTIMISATION_JOBS,
     OPTIMISATION_LABEL_MOVES,
+    FINE_TUNE_JOBS,
+    FINE_TUNE_TRAINING_SECONDS,
+    FINE_TUNE_WORKER_SECONDS,
     LABEL_MOVES,
     PROMPT_FETCHES,
     TASKS,
@@ -267,8 +290,9 @@ def initialise_counters(role: str) -> None:
             RUNS.labels(status=status)
         for status in JOB_STATUSES:
             OPTIMISATION_JOBS.labels(status=status)
+            FINE_TUNE_JOBS.labels(status=status)
     if role == "worker":
-        for task in ("fulcrum.run_evaluation", "fulcrum.evaluate_chunk"):
+        for task in ("fulcrum.run_evaluation", "fulcrum.evaluate_chunk", "fulcrum.run_fine_tune"):
             for state in TASK_STATES:
                 TASKS.labels(task=task, state=state)
         # The main process's 0 keeps the pool gauge present (not absent) when every child is gone.

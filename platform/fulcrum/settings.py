@@ -52,6 +52,18 @@ def env_choice(name: str, default: str, choices: set[str]) -> str:
     return value
 
 
+def env_price(name: str) -> str:
+    """A price (money per unit) as a decimal string; 0 when unset."""
+    raw = os.environ.get(name, "") or "0"
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise ImproperlyConfigured(f"{name}={raw!r} must be a finite number >= 0")
+    return raw.strip()
+
+
 DEBUG = env_bool("FULCRUM_DEBUG", True)
 
 _DEV_SECRET = "dev-only-insecure-secret-key"
@@ -64,6 +76,8 @@ ALLOWED_HOSTS = [h for h in env_str("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]"
 # Where built model artifacts, the local database and the local broker's files live.
 DATA_DIR = Path(env_str("FULCRUM_DATA_DIR", str(Path.home() / ".cache" / "fulcrum"))).expanduser()
 ARTIFACTS_DIR = DATA_DIR / "artifacts"
+# One folder per fine-tune: the merged weights (the result's trainable source) and its ONNX artifact.
+FINE_TUNES_DIR = DATA_DIR / "fine-tunes"
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -203,6 +217,9 @@ FULCRUM_QUEUE_ROUTING = env_choice("FULCRUM_QUEUE_ROUTING", "off", {"off", "devi
 FULCRUM_DEFAULT_DEVICE = env_choice("FULCRUM_DEFAULT_DEVICE", "cpu", {"cpu", "gpu"})
 FULCRUM_WORKER_QUEUES = [q.strip() for q in env_str("FULCRUM_WORKER_QUEUES", "").split(",") if q.strip()]
 CELERY_TASK_ROUTES = ("workers.routing.route_task",)
+# Fine-tune jobs go to a queue of their own (default: <FULCRUM_QUEUE>.train), so a training job never holds up
+# evaluation; the machines that consume it need the `convert` extra (torch, transformers, peft).
+FULCRUM_TRAIN_QUEUE = env_str("FULCRUM_TRAIN_QUEUE", "")
 
 # --- Inference -------------------------------------------------------------------------------------------------
 # "auto" takes CUDA when it really loads, else the CPU; "cpu"/"cuda" force one (cuda fails loudly if absent).
@@ -211,6 +228,19 @@ FULCRUM_INTRA_OP_THREADS = env_int("FULCRUM_INTRA_OP_THREADS", 0)  # 0 = all cor
 # Items per task: a chunk decodes as one batch, and on a CPU a step of 32 rows costs little more than one of 16
 # (each step reads all the weights either way).
 FULCRUM_CHUNK_SIZE = env_int("FULCRUM_CHUNK_SIZE", 32, minimum=1)
+
+# --- Fine-tuning -----------------------------------------------------------------------------------------------
+# "auto" trains on CUDA when torch sees a device, else on the CPU.
+FULCRUM_TRAIN_DEVICE = env_choice("FULCRUM_TRAIN_DEVICE", "auto", {"auto", "cpu", "cuda"})
+FULCRUM_TRAIN_THREADS = env_int("FULCRUM_TRAIN_THREADS", 0)  # torch threads; 0 = torch's default (all cores)
+# A running job whose progress has not moved for this long is taken to be orphaned (its worker died): a
+# redelivered message may restart it, and cancelling it finishes it at once.
+FULCRUM_TRAIN_STALE_SECONDS = env_int("FULCRUM_TRAIN_STALE_SECONDS", 900, minimum=30)
+# Money per device hour of training, used when the base artifact has no price_per_device_hour of its own.
+FULCRUM_TRAIN_PRICE_PER_HOUR = {
+    "cpu": env_price("FULCRUM_TRAIN_PRICE_CPU_HOUR"),
+    "cuda": env_price("FULCRUM_TRAIN_PRICE_GPU_HOUR"),
+}
 
 # --- Metrics ---------------------------------------------------------------------------------------------------
 # The root of the multiprocess files of this machine: the web group writes here, each worker and beat in a directory

@@ -16,6 +16,7 @@ from registry.models import (
     DatasetItem,
     EvaluationRun,
     FineTune,
+    FineTuneJob,
     ItemResult,
     LabelMove,
     LabelPolicy,
@@ -137,6 +138,18 @@ class FineTuneFilter(filters.FilterSet):
 
     def by_artifact(self, queryset: QuerySet[FineTune], name: str, value: Any) -> QuerySet[FineTune]:
         return queryset.filter(Q(base_artifact_id=value) | Q(result_artifact_id=value))
+
+
+class FineTuneJobFilter(filters.FilterSet):
+    status = filters.ChoiceFilter(choices=FineTuneJob.Status.choices)
+    method = filters.ChoiceFilter(choices=FineTuneJob.Method.choices)
+    base_artifact = IntFilter(field_name="base_artifact_id")
+    dataset = IntFilter(field_name="dataset_id")
+    name = NameFilter()
+
+    class Meta:
+        model = FineTuneJob
+        fields: list[str] = []
 
 
 class ScalingConfigFilter(filters.FilterSet):

@@ -19,6 +19,7 @@ from registry.models import (
     DatasetItem,
     EvaluationRun,
     FineTune,
+    FineTuneJob,
     ItemResult,
     LabelMove,
     LabelPolicy,
@@ -486,9 +487,147 @@ class FineTuneSerializer(CleanedSerializer):
             "training_dataset_hash",
             "method",
             "hyperparameters",
+            "job",
+            "training_dataset",
+            "seed",
+            "device",
+            "final_loss",
+            "training_seconds",
+            "worker_seconds",
+            "cost",
             "created_at",
         ]
-        read_only_fields = ["created_at"]
+        # What a job measured is its record: shown, never written through the API.
+        read_only_fields = [
+            "job",
+            "training_dataset",
+            "seed",
+            "device",
+            "final_loss",
+            "training_seconds",
+            "worker_seconds",
+            "cost",
+            "created_at",
+        ]
+
+    LINEAGE = ("base_artifact", "result_artifact", "training_dataset_hash", "method", "hyperparameters")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if self.instance is not None and self.instance.job_id:
+            changed = [name for name in self.LINEAGE if name in attrs and attrs[name] != getattr(self.instance, name)]
+            if changed:
+                raise serializers.ValidationError(
+                    {name: "this fine-tune was registered by its job: its lineage cannot change" for name in changed}
+                )
+        return super().validate(attrs)
+
+
+class FineTuneJobSerializer(serializers.ModelSerializer):
+    prompt = serializers.SerializerMethodField()
+    prompt_version = serializers.SerializerMethodField()
+    progress = serializers.FloatField(read_only=True)
+    fine_tune = serializers.SerializerMethodField(help_text="the registered fine-tune's name, once it succeeded")
+    result_artifact = serializers.SerializerMethodField(help_text="the registered result artifact's id")
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    loss_curve = serializers.JSONField(read_only=True, help_text="[[step, loss of that step's batch], ...]")
+    hyperparameters = serializers.JSONField(read_only=True)
+
+    class Meta:
+        model = FineTuneJob
+        fields = [
+            "id",
+            "name",
+            "status",
+            "base_artifact",
+            "dataset",
+            "prompt",
+            "prompt_version",
+            "method",
+            "hyperparameters",
+            "seed",
+            "spec_hash",
+            "steps_done",
+            "steps_total",
+            "progress",
+            "initial_loss",
+            "final_loss",
+            "loss_curve",
+            "cancel_requested",
+            "device",
+            "training_seconds",
+            "worker_seconds",
+            "worker",
+            "error",
+            "fine_tune",
+            "result_artifact",
+            "created_by",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+    def get_prompt(self, obj: FineTuneJob) -> str:
+        return obj.prompt_version.prompt.name
+
+    def get_prompt_version(self, obj: FineTuneJob) -> int:
+        return obj.prompt_version.number
+
+    def get_fine_tune(self, obj: FineTuneJob) -> str | None:
+        fine_tune = getattr(obj, "fine_tune", None)
+        return fine_tune.name if fine_tune is not None else None
+
+    def get_result_artifact(self, obj: FineTuneJob) -> int | None:
+        fine_tune = getattr(obj, "fine_tune", None)
+        return fine_tune.result_artifact_id if fine_tune is not None else None
+
+
+class FineTuneJobCreateSerializer(serializers.Serializer):
+    name = serializers.RegexField(r"^[-\w.]{1,200}\Z", max_length=200, help_text="the resulting fine-tune's name")
+    base_artifact = serializers.PrimaryKeyRelatedField(
+        queryset=ModelArtifact.objects.all(), help_text="imported from GGUF or a Hugging Face folder, or a fine-tune"
+    )
+    dataset = serializers.PrimaryKeyRelatedField(
+        queryset=Dataset.objects.all(), help_text="training pairs: inputs -> expected answer"
+    )
+    prompt = serializers.SlugRelatedField(slug_field="name", queryset=Prompt.objects.all())
+    prompt_version = serializers.IntegerField(
+        min_value=1, max_value=INT32_MAX, required=False, help_text="renders the inputs; or give prompt_label"
+    )
+    prompt_label = serializers.RegexField(
+        r"^" + PromptLabel.NAME_RE.pattern + r"\Z", max_length=50, required=False, help_text="resolved now"
+    )
+    method = serializers.ChoiceField(choices=FineTuneJob.Method.choices, default=FineTuneJob.Method.LORA)
+    hyperparameters = SafeJSONField(
+        kind=dict,
+        required=False,
+        default=dict,
+        max_bytes=10_000,
+        help_text="steps or epochs, batch_size, learning_rate, warmup_steps, weight_decay, max_grad_norm, max_length; "
+        "LoRA: lora_r, lora_alpha, lora_dropout, target_modules",
+    )
+    seed = serializers.IntegerField(min_value=0, max_value=INT32_MAX, default=0)
+    start = serializers.BooleanField(default=True, help_text="queue it for a training worker at once")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        prompt: Prompt = attrs["prompt"]
+        if ("prompt_version" in attrs) == ("prompt_label" in attrs):
+            raise serializers.ValidationError(
+                {"prompt_version": "give exactly one of prompt_version (a version number) or prompt_label"}
+            )
+        if "prompt_version" in attrs:
+            version = prompt.versions.filter(number=attrs["prompt_version"]).first()
+            if version is None:
+                raise serializers.ValidationError(
+                    {"prompt_version": f"prompt {prompt.name!r} has no version {attrs['prompt_version']}"}
+                )
+        else:
+            try:
+                version = prompt.version_for_label(attrs["prompt_label"])
+            except PromptLabel.DoesNotExist as exc:
+                raise serializers.ValidationError({"prompt_label": str(exc)}) from None
+        attrs["version"] = version
+        return attrs
 
 
 class ScalingConfigSerializer(CleanedSerializer):

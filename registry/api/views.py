@@ -30,6 +30,7 @@ from registry.models import (
     Dataset,
     EvaluationRun,
     FineTune,
+    FineTuneJob,
     ItemResult,
     LabelMove,
     LabelPolicy,
@@ -477,6 +478,96 @@ class FineTuneViewSet(CrudViewSet):
     lookup_value_regex = ID_RE
     audit_type = "finetune"
     queryset = FineTune.objects.order_by("name")
+
+
+@extend_schema_view(
+    list=extend_schema(summary="Fine-tune jobs, newest first (filter by status, method, base_artifact, name)"),
+    retrieve=extend_schema(summary="One job: status, progress, loss curve, time, device and the registered result"),
+    create=extend_schema(
+        summary="Start a fine-tune: checked now (hyperparameters, trainable base, data), trained by a worker on the "
+        "training queue; an identical request returns the job that trains or trained it (200)",
+        request=s.FineTuneJobCreateSerializer,
+        responses={201: s.FineTuneJobSerializer, 200: s.FineTuneJobSerializer, **ERRORS},
+    ),
+)
+class FineTuneJobViewSet(AuditedViewSet, mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin):
+    serializer_class = s.FineTuneJobSerializer
+    filterset_class = filters.FineTuneJobFilter
+    lookup_value_regex = ID_RE
+    audit_type = "finetunejob"
+    queryset = FineTuneJob.objects.select_related(
+        "prompt_version__prompt", "created_by", "fine_tune", "base_artifact", "dataset"
+    ).order_by("-created_at", "-id")
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        from workers import finetuning
+
+        body = s.FineTuneJobCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        try:
+            with transaction.atomic():
+                job, created = finetuning.create_job(
+                    name=data["name"],
+                    base_artifact=data["base_artifact"],
+                    dataset=data["dataset"],
+                    prompt_version=data["version"],
+                    method=data["method"],
+                    hyperparameters=data["hyperparameters"],
+                    seed=data["seed"],
+                    created_by=request.user,
+                )
+                queued = finetuning.start_job(job) if data["start"] else False
+                if created:
+                    self.record(
+                        "create",
+                        job,
+                        base_artifact=job.base_artifact_id,
+                        dataset=job.dataset_id,
+                        prompt_version=str(job.prompt_version),
+                        method=job.method,
+                        spec_hash=job.spec_hash,
+                        started=queued,
+                    )
+        except finetuning.FineTuneError as exc:
+            raise exceptions.ValidationError({exc.field: str(exc)}) from None
+        code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        return Response(self.get_serializer(job).data, status=code)
+
+    @extend_schema(
+        summary="Queue a pending job again (safe: a job already claimed ignores the message)",
+        request=None,
+        responses={200: s.FineTuneJobSerializer, 409: OpenApiResponse()},
+    )
+    @action(detail=True, methods=["post"])
+    def start(self, request: Request, pk: str) -> Response:
+        from workers import finetuning
+
+        job = self.get_object()
+        with transaction.atomic():
+            if not finetuning.start_job(job):
+                raise Conflict(
+                    f"fine-tune job {job.pk} is {job.status}; only a pending job can be started", code="not_pending"
+                )
+            self.record("start", job)
+        return Response(self.get_serializer(job).data)
+
+    @extend_schema(
+        summary="Cancel a job: a pending one at once, a running one within a training step; nothing is registered",
+        request=None,
+        responses={200: s.FineTuneJobSerializer, 409: OpenApiResponse()},
+    )
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk: str) -> Response:
+        from workers import finetuning
+
+        job = self.get_object()
+        with transaction.atomic():
+            if not finetuning.cancel_job(job):
+                raise Conflict(f"fine-tune job {job.pk} is already {job.status}", code="finished")
+            self.record("cancel", job)
+        job.refresh_from_db()
+        return Response(self.get_serializer(job).data)
 
 
 class ScalingConfigViewSet(CrudViewSet):

@@ -137,5 +137,6 @@ def test_committed_schema_matches_the_served_schema(editor_api: APIClient) -> No
     assert served.status_code == 200
     committed = yaml.safe_load((ROOT / "docs" / "openapi.yaml").read_text(encoding="utf-8"))
     assert yaml.safe_load(served.content) == committed, (
-        "docs/openapi.yaml is out of date: run `python manage.py spectacular --file docs/openapi.yaml`"
+        "docs/openapi.yaml is out of date: run `DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres "
+        "python manage.py spectacular --file docs/openapi.yaml`"
     )

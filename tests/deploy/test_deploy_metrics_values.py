@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from fulcrum import collectors, metrics
 from fulcrum.celery import app
-from registry.models import Dataset, EvaluationRun, ModelArtifact, Prompt, ScalingConfig, Stack
+from registry.models import Dataset, EvaluationRun, FineTuneJob, ModelArtifact, Prompt, ScalingConfig, Stack
 from workers.engine import Generation, Sample
 
 
@@ -83,6 +83,11 @@ def test_the_web_reports_the_latest_finished_run_per_stack_and_dataset() -> None
         (now - timedelta(minutes=10)).timestamp()
     )
     assert value("fulcrum_evaluation_open_runs", {"status": "running"}, registry) == 1
+    job_fields = {"base_artifact": art, "dataset": new_ds, "prompt_version": version}
+    FineTuneJob.objects.create(name="a", spec_hash="a" * 64, status="running", **job_fields)
+    FineTuneJob.objects.create(name="b", spec_hash="b" * 64, status="succeeded", **job_fields)
+    assert value("fulcrum_fine_tune_open_jobs", {"status": "running"}, registry) == 1
+    assert value("fulcrum_fine_tune_open_jobs", {"status": "pending"}, registry) == 0
     samples = [s for m in registry.collect() for s in m.samples if s.name == "fulcrum_evaluation_accuracy_ratio"]
     assert len(samples) == 1  # one series per (stack, dataset name)
 

@@ -1,4 +1,5 @@
-"""workers/routing.py: a run's tasks land on the GPU or the CPU queue by its artifact."""
+"""workers/routing.py: a run's tasks land on the GPU or the CPU queue by its artifact; fine-tune jobs on the
+training queue."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def test_routing_off_sends_everything_to_the_default_queue(queue_name: str, sett
     settings.FULCRUM_QUEUE_ROUTING = "off"
     run = make_run("float16")
     assert routing.route_task("fulcrum.evaluate_chunk", [run.pk, [1]], {}, {}) is None
-    assert routing.known_queues() == [queue_name]
+    assert routing.known_queues() == [queue_name, f"{queue_name}.train"]
     assert routing.worker_queues() == [queue_name]
 
 
@@ -85,11 +86,20 @@ def test_device_routing_picks_the_queue_from_the_runs_artifact(queue_name: str, 
     assert routing.route_task("fulcrum.run_evaluation", [gpu_run.pk], {}, {}) == {"queue": f"{queue_name}.gpu"}
     assert routing.route_task("fulcrum.evaluate_chunk", [cpu_run.pk, [1]], {}, {}) == {"queue": f"{queue_name}.cpu"}
     assert routing.route_task("celery.backend_cleanup", [], {}, {}) is None
-    assert routing.known_queues() == [queue_name, f"{queue_name}.gpu", f"{queue_name}.cpu"]
+    assert routing.known_queues() == [queue_name, f"{queue_name}.gpu", f"{queue_name}.cpu", f"{queue_name}.train"]
     assert routing.worker_queues("cuda") == [f"{queue_name}.gpu", queue_name]
     assert routing.worker_queues("cpu") == [f"{queue_name}.cpu", queue_name]
     settings.FULCRUM_WORKER_QUEUES = ["only-this"]
     assert routing.worker_queues("cuda") == ["only-this"]
+
+
+@pytest.mark.parametrize("routing_mode", ["off", "device"])
+def test_fine_tune_jobs_always_go_to_the_training_queue(queue_name: str, settings: Any, routing_mode: str) -> None:
+    settings.FULCRUM_QUEUE_ROUTING = routing_mode
+    assert routing.route_task("fulcrum.run_fine_tune", [1], {}, {}) == {"queue": f"{queue_name}.train"}
+    settings.FULCRUM_TRAIN_QUEUE = "gpu-training"
+    assert routing.route_task("fulcrum.run_fine_tune", [1], {}, {}) == {"queue": "gpu-training"}
+    assert routing.known_queues()[-1] == "gpu-training"
 
 
 def test_published_tasks_land_in_the_device_queue_on_the_broker(queue_name: str, settings: Any) -> None:

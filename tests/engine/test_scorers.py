@@ -479,7 +479,7 @@ def _check_schema(name: str, rows: list[dict[str, Any]]) -> None:
 
 def test_every_demo_file_is_known_and_well_formed() -> None:
     names = sorted(path.name for path in DEMO_DIR.glob("*.jsonl"))
-    assert names == ["arithmetic.jsonl", "factual.jsonl", "safety.jsonl"]
+    assert names == ["answer_format.jsonl", "arithmetic.jsonl", "factual.jsonl", "safety.jsonl"]
     for name in names:
         _check_schema(name, _load(name))
 
@@ -493,6 +493,16 @@ def test_the_arithmetic_demo_has_60_integer_answers() -> None:
         assert str(int(row["expected"])) == row["expected"], row
         # The scorer reads its own expected value back.
         assert score("numeric", f"The answer is {row['expected']}.", row["expected"]).correct is True
+
+
+def test_the_fine_tuning_demo_has_200_bare_integer_answers_the_scorer_reads_back() -> None:
+    rows = _load("answer_format.jsonl")
+    assert len(rows) == 200
+    for row in rows:
+        assert row["id"].startswith("fmt-") and row["kind"] == ""
+        assert str(int(row["expected"])) == row["expected"], row
+        # Trained to answer with the number alone: that answer must score as correct.
+        assert score("numeric", row["expected"], row["expected"]).correct is True
 
 
 def test_the_factual_demo_has_40_short_answers() -> None:

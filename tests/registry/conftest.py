@@ -13,6 +13,7 @@ from registry.models import (
     DatasetItem,
     EvaluationRun,
     FineTune,
+    FineTuneJob,
     ItemResult,
     ModelArtifact,
     Prompt,
@@ -112,9 +113,23 @@ def registry_objects(db: None, make_version: Callable[..., PromptVersion], promp
         score=1.0,
         generated_tokens=1,
     )
+    job = FineTuneJob.objects.create(
+        name="qa-lora",
+        base_artifact=base,
+        dataset=dataset,
+        prompt_version=version,
+        hyperparameters={"steps": 4, "batch_size": 2},
+        spec_hash="e" * 64,
+        status=FineTuneJob.Status.RUNNING,
+        steps_done=2,
+        steps_total=4,
+        loss_curve=[[1, 3.5], [2, 2.25]],
+        device="cpu",
+    )
     return {
         "prompt": prompt,
         "promptversion": version,
+        "finetunejob": job,
         "promptlabel": move.label,
         "labelmove": move,
         "modelartifact": quantised,

@@ -29,6 +29,7 @@ MODELS = [
     "labelmove",
     "modelartifact",
     "finetune",
+    "finetunejob",
     "scalingconfig",
     "stack",
     "dataset",
@@ -36,7 +37,7 @@ MODELS = [
     "evaluationrun",
     "itemresult",
 ]
-ADDABLE = ["prompt", "promptversion", "promptlabel", "finetune", "scalingconfig", "stack", "dataset"]
+ADDABLE = ["prompt", "promptversion", "promptlabel", "finetune", "finetunejob", "scalingconfig", "stack", "dataset"]
 NOT_ADDABLE = ["labelmove", "modelartifact", "datasetitem", "evaluationrun", "itemresult"]
 
 

@@ -26,14 +26,19 @@ def database_url() -> str:
 
 
 @contextmanager
-def running_worker(**extra_env: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A real `manage.py worker` process on a queue of its own, bound to the test database."""
+def running_worker(*, train: bool = False, **extra_env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A real `manage.py worker` process on a queue of its own, bound to the test database.
+
+    With `train`, it consumes that queue's training queue (`<queue>.train`, where fine-tune jobs go) instead.
+    """
     queue = f"test-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "DATABASE_URL": database_url(), "FULCRUM_QUEUE": queue, **extra_env}
+    env.pop("FULCRUM_TRAIN_QUEUE", None)
+    consumed = f"{queue}.train" if train else queue
     (ROOT / "var").mkdir(exist_ok=True)
-    with open(ROOT / "var" / f"worker-{queue}.log", "wb") as log:
+    with open(ROOT / "var" / f"worker-{consumed}.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "manage.py"), "worker", "-c", "1", "-Q", queue, "-l", "INFO"],
+            [sys.executable, str(ROOT / "manage.py"), "worker", "-c", "1", "-Q", consumed, "-l", "INFO"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -60,7 +60,7 @@ class ChatTokenizer:
             pad_id=pad_id,
         )
 
-    def render(self, messages: list[dict[str, str]]) -> str:
+    def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         """The text the model sees for a conversation, ending with the assistant's turn opened."""
         # Same environment options as transformers' apply_chat_template, so the text matches token for token.
         env = ImmutableSandboxedEnvironment(
@@ -69,10 +69,24 @@ class ChatTokenizer:
         env.globals["raise_exception"] = _raise
         return env.from_string(self.chat_template).render(
             messages=messages,
-            add_generation_prompt=True,
+            add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
         )
+
+    def render_reply(self, messages: list[dict[str, str]], reply: str) -> str:
+        """The text that follows `render(messages)` when the assistant answers `reply`: the reply and the
+        template's end of turn (for ChatML, "<reply><|im_end|>\\n").
+
+        Fine-tuning trains on exactly this continuation of the evaluation prompt, so what the model learns to
+        produce is what the engine reads back at generation time. A template whose full conversation does not
+        begin with the generation prompt (rare) gets the reply and the end-of-sequence token instead.
+        """
+        prompt = self.render(messages)
+        full = self.render([*messages, {"role": "assistant", "content": reply}], add_generation_prompt=False)
+        if full.startswith(prompt) and reply in full[len(prompt) :]:
+            return full[len(prompt) :]
+        return reply + self.eos_token
 
     def encode(self, text: str) -> list[int]:
         # The chat template already holds every special token; like transformers' apply_chat_template, add

