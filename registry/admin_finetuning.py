@@ -71,7 +71,7 @@ class FineTuneJobAdmin(AuditedModelAdmin):
         "name",
         "status",
         "progress_bar",
-        "method",
+        "method_code",
         "base_artifact",
         "dataset",
         "losses",
@@ -229,6 +229,11 @@ class FineTuneJobAdmin(AuditedModelAdmin):
             round(obj.progress * 100),
             " - cancel requested" if obj.cancel_requested and not obj.is_finished else "",
         )
+
+    @admin.display(description="method", ordering="method")
+    def method_code(self, obj: FineTuneJob) -> str:
+        """The short code (lora, full) keeps the list narrow; the form shows the long description."""
+        return obj.method
 
     @admin.display(description="loss before -> after")
     def losses(self, obj: FineTuneJob) -> str:
