@@ -44,6 +44,7 @@ from .models import (
     ScheduledRun,
     Stack,
 )
+from .waiting import poll_until_finished
 
 log = logging.getLogger(__name__)
 
@@ -750,23 +751,17 @@ def wait_for(
     alive: Callable[[], bool] | None = None,
 ) -> Experiment:
     """Poll until the experiment is no longer running; `report(done, total, runs_done, runs)` on every change."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    last: tuple[int, int, int, int] | None = None
-    while True:
-        experiment = refresh_experiment(experiment.pk)
-        progress = experiment_progress(experiment)
-        if report is not None and progress != last:
-            report(*progress)
-            last = progress
-        if experiment.status != Experiment.Status.RUNNING:
-            return experiment
-        if alive is not None and not alive():
-            raise ExperimentError("the worker stopped before the runs finished")
-        if time.monotonic() > deadline:
-            raise ExperimentError(f"experiment {experiment.name} not finished after {timeout:.0f}s")
-        time.sleep(poll)
+    return poll_until_finished(
+        lambda: refresh_experiment(experiment.pk),
+        progress=experiment_progress,
+        finished=lambda e: e.status != Experiment.Status.RUNNING,
+        timeout=timeout,
+        poll=poll,
+        report=(lambda _, progress: report(*progress)) if report is not None else None,
+        alive=alive,
+        on_dead=lambda: ExperimentError("the worker stopped before the runs finished"),
+        on_timeout=lambda: ExperimentError(f"experiment {experiment.name} not finished after {timeout:.0f}s"),
+    )
 
 
 def progress_bar(done: int, total: int, runs_done: int, runs: int, width: int = 30) -> str:

@@ -37,6 +37,7 @@ from django.utils import timezone
 from fulcrum import metrics
 from registry.models import Dataset, FineTune, FineTuneJob, ModelArtifact, NotTrainable, PromptVersion
 from registry.prompting import PromptTemplateError
+from registry.waiting import poll_until_finished
 
 from . import convert, scorers, training
 
@@ -223,20 +224,22 @@ def wait_for(
     alive: Callable[[], bool] | None = None,
 ) -> FineTuneJob:
     """Poll until the job has finished; `report(job)` whenever its status or step changes."""
-    deadline = time.monotonic() + timeout
-    last: tuple[str, int] | None = None
-    while True:
+
+    def refresh() -> FineTuneJob:
         job.refresh_from_db()
-        if report is not None and (job.status, job.steps_done) != last:
-            report(job)
-            last = (job.status, job.steps_done)
-        if job.is_finished:
-            return job
-        if alive is not None and not alive():
-            raise FineTuneError("the training worker stopped before the job finished")
-        if time.monotonic() > deadline:
-            raise FineTuneError(f"fine-tune job {job.pk} not finished after {timeout:.0f}s")
-        time.sleep(poll)
+        return job
+
+    return poll_until_finished(
+        refresh,
+        progress=lambda j: (j.status, j.steps_done),
+        finished=lambda j: j.is_finished,
+        timeout=timeout,
+        poll=poll,
+        report=(lambda j, _: report(j)) if report is not None else None,
+        alive=alive,
+        on_dead=lambda: FineTuneError("the training worker stopped before the job finished"),
+        on_timeout=lambda: FineTuneError(f"fine-tune job {job.pk} not finished after {timeout:.0f}s"),
+    )
 
 
 def price_per_hour(artifact: ModelArtifact, device: str) -> Decimal:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -58,6 +57,7 @@ from ..models import (
     Tag,
     canonical_hash,
 )
+from ..waiting import poll_until_finished
 from . import operators, search
 from .reporting import build_report, commit_message, progress, spent
 from .search import Arm, Budget, Cost, HalvingPlan, Rung
@@ -943,21 +943,21 @@ def wait_for(
     poll: float = 1.0,
     alive: Callable[[], bool] | None = None,
 ) -> OptimisationJob:
-    deadline = time.monotonic() + timeout
-    last: tuple[int, int, str] | None = None
-    while True:
+    def refresh() -> OptimisationJob:
         job.refresh_from_db()
-        now = progress(job)
-        if report is not None and now != last:
-            report(*now)
-            last = now
-        if job.is_finished:
-            return job
-        if alive is not None and not alive():
-            raise OptimisationError("the worker stopped before the job finished")
-        if time.monotonic() > deadline:
-            raise OptimisationError(f"optimisation {job.name} not finished after {timeout:.0f}s")
-        time.sleep(poll)
+        return job
+
+    return poll_until_finished(
+        refresh,
+        progress=progress,
+        finished=lambda j: j.is_finished,
+        timeout=timeout,
+        poll=poll,
+        report=(lambda _, now: report(*now)) if report is not None else None,
+        alive=alive,
+        on_dead=lambda: OptimisationError("the worker stopped before the job finished"),
+        on_timeout=lambda: OptimisationError(f"optimisation {job.name} not finished after {timeout:.0f}s"),
+    )
 
 
 # --- the hook: a finished run moves its jobs on -------------------------------------------------------------------

@@ -119,11 +119,9 @@ def test_bad_hyperparameters_are_refused_naming_the_key_and_nothing_is_stored(
 
 
 def test_a_base_without_trainable_weights_is_refused_saying_why(
-    editor_api: APIClient, qa: Prompt, pairs: Dataset
+    editor_api: APIClient, qa: Prompt, pairs: Dataset, artifact: ModelArtifact
 ) -> None:
-    onnx_only = ModelArtifact.objects.create(
-        name="onnx-only", sha256="e" * 64, path="/x", source_kind="onnx", source_path="/x", source_sha256="f" * 64
-    )
+    onnx_only = artifact  # imported from ONNX files: nothing to train
     response = editor_api.post(
         "/api/fine-tune-jobs/", body(onnx_only, pairs, base_artifact=onnx_only.pk), format="json"
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -105,16 +104,9 @@ def test_the_admin_add_form_shows_bad_requests_as_form_errors(
 
 
 def test_the_admin_refuses_an_onnx_only_base(
-    admin_client: Client, pairs: Dataset, version: PromptVersion, tiny_onnx_dir: Path
+    admin_client: Client, pairs: Dataset, version: PromptVersion, artifact: ModelArtifact
 ) -> None:
-    onnx_only = ModelArtifact.objects.create(
-        name="onnx",
-        sha256="4" * 64,
-        path=str(tiny_onnx_dir),
-        source_kind="onnx",
-        source_path="/x",
-        source_sha256="5" * 64,
-    )
+    onnx_only = artifact  # imported from ONNX files: nothing to train
     response = admin_client.post(
         reverse("admin:registry_finetunejob_add"), add_form(onnx_only, pairs, version, base_artifact=onnx_only.pk)
     )

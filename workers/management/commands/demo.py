@@ -299,23 +299,16 @@ class Command(BaseCommand):
         weights, greedy decoding. A training worker is started only when there is something to train."""
         naive = stacks["naive-greedy"].resolve_prompt_version()
         hyperparameters = training.validate_hyperparameters(FINE_TUNE_METHOD, FINE_TUNE_HYPERPARAMETERS)
-        spec = FineTuneJob.compute_spec_hash(
-            base_artifact=base,
-            dataset=data,
-            prompt_version=naive,
-            method=FINE_TUNE_METHOD,
-            hyperparameters=hyperparameters,
-            seed=FINE_TUNE_SEED,
-        )
-        job, created = finetuning.create_job(
-            name=f"answer-format-{spec[:8]}",
-            base_artifact=base,
-            dataset=data,
-            prompt_version=naive,
-            method=FINE_TUNE_METHOD,
-            hyperparameters=hyperparameters,
-            seed=FINE_TUNE_SEED,
-        )
+        # The name carries the spec's hash, so a changed recipe trains anew under a new name instead of clashing.
+        spec: dict[str, Any] = {
+            "base_artifact": base,
+            "dataset": data,
+            "prompt_version": naive,
+            "method": FINE_TUNE_METHOD,
+            "hyperparameters": hyperparameters,
+            "seed": FINE_TUNE_SEED,
+        }
+        job, created = finetuning.create_job(name=f"answer-format-{FineTuneJob.compute_spec_hash(**spec)[:8]}", **spec)
         setup = (
             f"LoRA r={hyperparameters['lora_r']} on {', '.join(hyperparameters['target_modules'])}, "
             f"{hyperparameters['steps']} steps of batch {hyperparameters['batch_size']}, "
